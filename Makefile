@@ -1,0 +1,36 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU build of torch; GPU users install their torch first and run `make setup TORCH=`.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test test-slow lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH) -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m scratchlm pipeline recipes/tiny.toml --run-dir runs/tiny
+
+test: setup
+	$(PY) -m pytest -q -n 2
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+lint: setup
+	$(PY) -m ruff check scratchlm tests bench
+	$(PY) -m ruff format --check scratchlm tests bench
+
+format: setup
+	$(PY) -m ruff format scratchlm tests bench
+	$(PY) -m ruff check --fix scratchlm tests bench
+
+clean:
+	rm -rf runs .pytest_cache
