@@ -7,12 +7,13 @@ not know, or a value of the wrong type, is a one-line UserError naming the key a
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 from scratchlm.curate.config import CurateConfig
 from scratchlm.errors import UserError
@@ -136,7 +137,7 @@ def _describe(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """The value checked against the type `tp`; raises UserError naming `key` when it does not fit."""
+    """`value` checked against the type `tp`; a UserError naming `key` when it does not fit."""
     origin = typing.get_origin(tp)
     ok = False
     if origin is Literal:
@@ -166,8 +167,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     for key, value in values.items():
         full = f"{prefix}{key}"
         if key not in hints:
-            raise UserError(f"unknown recipe key {full!r}; {prefix.rstrip('.') or 'a recipe'} "
-                            f"accepts: {', '.join(names)}")
+            raise UserError(
+                f"unknown recipe key {full!r}; {prefix.rstrip('.') or 'a recipe'} "
+                f"accepts: {', '.join(names)}"
+            )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):

@@ -1,0 +1,48 @@
+"""`scratchlm generate`: text streamed to the terminal as the model writes it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from scratchlm.infer.generate import generate
+
+from scratchlm.loading import load
+
+
+def stream_to_terminal(
+    path: Path,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    device: str = "cpu",
+) -> str:
+    """Print the prompt, then each new piece of text as soon as it decodes to whole characters."""
+    model, tokenizer = load(path, device=device)
+    ids = tokenizer.encode(prompt, add_bos=True)
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    new: list[int] = []
+    shown = ""
+    for token in generate(
+        model,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop_ids=(tokenizer.eos_id,),
+    ):
+        new.append(token)
+        text = tokenizer.decode(new, skip_special=True)
+        # A multi-byte character split across tokens decodes to U+FFFD until its last byte comes.
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown) :])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write("\n")
+    return shown

@@ -1,0 +1,54 @@
+"""Finding and loading trained models: `from scratchlm import load`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from scratchlm.errors import UserError
+from scratchlm.model import ModelConfig, Transformer
+from scratchlm.tokenizer import Tokenizer
+from scratchlm.train.checkpoint import load_checkpoint, load_weights
+
+# Later stages refine earlier ones; a run's model is the newest stage that has a checkpoint.
+CHECKPOINT_STAGES = ["ppo", "dpo", "sft", "pretrain"]
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "tokenizer.json").exists() or (path / "recipe.toml").exists()
+
+
+def latest_checkpoint_dir(run_dir: Path) -> Path:
+    """The stage folder holding the run's newest model."""
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}")
+    for stage in CHECKPOINT_STAGES:
+        folder = run_dir / stage
+        if folder.is_dir() and any(folder.glob("step-*")):
+            return folder
+    raise UserError(f"no checkpoint in {run_dir}; run `scratchlm pretrain --run-dir {run_dir}`")
+
+
+def find_tokenizer(checkpoint: Path) -> Path:
+    """tokenizer.json beside the checkpoint, or in the run folder above it."""
+    for folder in [checkpoint, *checkpoint.resolve().parents][:4]:
+        if (folder / "tokenizer.json").is_file():
+            return folder / "tokenizer.json"
+    raise UserError(f"no tokenizer.json found for {checkpoint}")
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
+    """The model (in eval mode) and tokenizer of a run folder, a stage folder or a checkpoint.
+
+    `model(token_ids)` returns logits of shape [batch, time, vocab].
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"not found: {path}")
+    target = latest_checkpoint_dir(path) if is_run_dir(path) else path
+    ckpt = load_checkpoint(target)
+    model = Transformer(ModelConfig.from_dict(ckpt.model_config))
+    load_weights(model, ckpt.tensors)
+    model.to(device).eval()
+    return model, Tokenizer.load(find_tokenizer(ckpt.path))

@@ -1,0 +1,185 @@
+"""Checkpoints: one folder per step, written atomically, verified on load.
+
+    STAGE_DIR/step-000500/  model.safetensors  config.json  trainer_state.json  optimizer.pt
+                            manifest.json (size and sha256 of every other file)
+    STAGE_DIR/latest -> step-000500
+
+A checkpoint is written to a temporary folder and renamed into place, and `latest` moves last, so a
+crash never leaves a half-written checkpoint behind `latest`. On load the manifest is checked; a
+damaged checkpoint found through `latest` falls back to the newest good one, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from scratchlm.errors import UserError
+
+MODEL_FILE = "model.safetensors"
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied weights stored once (safetensors refuses shared storage)."""
+    seen: dict[int, str] = {}
+    tensors = {}
+    for name, t in model.state_dict().items():
+        ptr = t.data_ptr()
+        if ptr in seen:
+            continue
+        seen[ptr] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    return tensors
+
+
+def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load saved tensors; a weight stored once for tied parameters fills all its names."""
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    shared = {name for name, p in model.named_parameters(remove_duplicate=False)} - {
+        name for name, _ in model.named_parameters()
+    }
+    if unexpected or set(missing) - shared:
+        raise UserError(
+            f"checkpoint weights do not fit the model: missing {sorted(set(missing) - shared)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+
+
+def save_checkpoint(
+    stage_dir: Path,
+    step: int,
+    tensors: dict[str, torch.Tensor],
+    model_config: dict[str, Any],
+    trainer_state: dict[str, Any],
+    optimizer_state: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write step-NNNNNN atomically, point `latest` at it and keep the newest `keep` checkpoints."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    final = stage_dir / name
+    tmp = stage_dir / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+    manifest = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _point_latest(stage_dir, name)
+    for old in list_checkpoints(stage_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _point_latest(stage_dir: Path, name: str) -> None:
+    link = stage_dir / "latest"
+    tmp_link = stage_dir / f".latest-{os.getpid()}"
+    if tmp_link.is_symlink() or tmp_link.exists():
+        tmp_link.unlink()
+    tmp_link.symlink_to(name)
+    os.replace(tmp_link, link)
+
+
+def list_checkpoints(stage_dir: Path) -> list[Path]:
+    """Complete-looking checkpoint folders, oldest first."""
+    if not stage_dir.is_dir():
+        return []
+    return sorted(p for p in stage_dir.glob("step-*") if p.is_dir())
+
+
+def verify(ckpt: Path) -> str | None:
+    """None when every file matches the manifest, else what is wrong."""
+    manifest_path = ckpt / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        return "manifest.json is corrupt"
+    for fname, want in manifest.items():
+        p = ckpt / fname
+        if not p.is_file():
+            return f"{fname} is missing"
+        if p.stat().st_size != want["bytes"]:
+            return f"{fname} has {p.stat().st_size} bytes, expected {want['bytes']}"
+        if _sha256(p) != want["sha256"]:
+            return f"{fname} does not match its recorded sha256"
+    return None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A verified checkpoint folder for a checkpoint path, a stage folder or its `latest` link.
+
+    An explicitly named checkpoint that is damaged is an error naming it; through a stage folder or
+    `latest`, the newest good checkpoint is used instead, with a warning.
+    """
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if (path / MANIFEST).exists() or (path / MODEL_FILE).exists():
+        if path.name != "latest":
+            problem = verify(path)
+            if problem:
+                raise UserError(f"checkpoint {path} is damaged: {problem}")
+            return path
+        path = path.resolve().parent
+    candidates = list_checkpoints(path)
+    if not candidates:
+        raise UserError(f"no checkpoint in {path}")
+    latest = (path / "latest").resolve() if (path / "latest").exists() else candidates[-1]
+    ordered = [latest] + [c for c in reversed(candidates) if c != latest]
+    for ckpt in ordered:
+        problem = verify(ckpt)
+        if problem is None:
+            if ckpt != ordered[0]:
+                print(f"warning: using {ckpt.name} instead", file=sys.stderr)
+            return ckpt
+        print(f"warning: checkpoint {ckpt} is damaged ({problem})", file=sys.stderr)
+    raise UserError(f"every checkpoint in {path} is damaged")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    model_config: dict[str, Any]
+    trainer_state: dict[str, Any]
+
+    def optimizer_state(self) -> dict[str, Any] | None:
+        p = self.path / "optimizer.pt"
+        return torch.load(p, map_location="cpu", weights_only=True) if p.exists() else None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    ckpt = resolve_checkpoint(path)
+    return Checkpoint(
+        path=ckpt,
+        tensors=load_file(str(ckpt / MODEL_FILE)),
+        model_config=json.loads((ckpt / "config.json").read_text()),
+        trainer_state=json.loads((ckpt / "trainer_state.json").read_text()),
+    )

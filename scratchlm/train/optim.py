@@ -1,0 +1,52 @@
+"""AdamW with the usual decay groups, and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from scratchlm.config import PretrainConfig
+
+
+def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
+    """AdamW: matrices decay, norms and embeddings do not; fused kernels where available."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_embedding = "embed" in name
+        (decay if p.ndim >= 2 and not is_embedding else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # Fused AdamW runs on CPU and CUDA and is 6x faster than foreach on CPU (PLATFORM.md); DTensor
+    # parameters (FSDP2, TP) take the foreach path, which supports them everywhere.
+    params = decay + no_decay
+    is_dtensor = any(type(p).__name__ == "DTensor" for p in params)
+    device_ok = all(p.device.type in ("cpu", "cuda") for p in params)
+    fused = device_ok and not is_dtensor
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=1e-8,
+        fused=fused or None,
+        foreach=None if fused else True,
+    )
+
+
+def lr_at(step: int, cfg: PretrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr.
+
+    The decay ends at max_steps, or at max_seconds of training when that comes first, so a run
+    stopped by the clock still ends its schedule (this part then depends on the machine's speed).
+    """
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.max_seconds > 0:
+        progress = max(progress, elapsed / cfg.max_seconds)
+    progress = min(1.0, progress)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,256 @@
+"""The pretraining loop, top to bottom: data, model, optimizer, steps, evaluation, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from scratchlm import parallel
+from scratchlm.config import Recipe
+from scratchlm.errors import UserError
+from scratchlm.evaluate.bpb import evaluate_bpb
+from scratchlm.model import ModelConfig, Transformer, cross_entropy_loss
+from scratchlm.shards import TokenLoader, read_meta
+from scratchlm.tokenizer import Tokenizer
+from scratchlm.train import checkpoint as ckpt
+from scratchlm.train.checkpoint import load_weights
+from scratchlm.train.device import pick_runtime
+from scratchlm.train.metrics import MetricsLog
+from scratchlm.train.optim import build_optimizer, lr_at
+from scratchlm.train.rng import get_rng_state, set_rng_state
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint was saved. Carries the signal number."""
+
+    def __init__(self, signum: int, saved: Path):
+        super().__init__(f"stopped by signal {signum}; checkpoint saved to {saved}")
+        self.signum = signum
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def model_config_from(recipe: Recipe) -> ModelConfig:
+    m = recipe.model
+    if m.dim % m.n_heads:
+        raise UserError(f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}")
+    if m.n_heads % m.n_kv_heads:
+        raise UserError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads")
+    return ModelConfig(
+        vocab_size=m.vocab_size,
+        dim=m.dim,
+        n_layers=m.n_layers,
+        n_heads=m.n_heads,
+        n_kv_heads=m.n_kv_heads,
+        max_seq_len=m.max_seq_len,
+        ffn_dim=m.ffn_dim,
+        norm_eps=m.norm_eps,
+        rope_theta=m.rope_theta,
+        tie_embeddings=m.tie_embeddings,
+    )
+
+
+def grad_accum_steps(recipe: Recipe, dp_size: int) -> int:
+    """Micro-batches per step on each rank, derived from the global batch in tokens."""
+    p, seq = recipe.pretrain, recipe.model.max_seq_len
+    per_pass = p.micro_batch_size * seq * dp_size
+    if p.tokens_per_step % per_pass:
+        raise UserError(
+            f"pretrain.tokens_per_step={p.tokens_per_step} must be a multiple of "
+            f"micro_batch_size x max_seq_len x data-parallel ranks = {per_pass}"
+        )
+    return p.tokens_per_step // per_pass
+
+
+def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train from the run's token shards; returns the final figures. Rank 0 writes all files."""
+    cfg = recipe.pretrain
+    tokens_dir = run_dir / "tokens"
+    meta = read_meta(tokens_dir)
+    tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+    if meta["vocab_size"] > recipe.model.vocab_size:
+        raise UserError(
+            f"the tokenizer has {meta['vocab_size']} tokens but model.vocab_size is "
+            f"{recipe.model.vocab_size}; retrain the tokenizer or raise model.vocab_size"
+        )
+    runtime = pick_runtime(cfg.device, cfg.precision)
+    dist = parallel.init(recipe.parallel, runtime.device)
+    stage_dir = run_dir / "pretrain"
+    log = MetricsLog(run_dir / "metrics.jsonl", "pretrain", enabled=dist.is_main)
+    say = print if dist.is_main else (lambda *a, **k: None)
+    say(f"pretrain: {runtime.describe()}, {dist.describe()}")
+
+    torch.manual_seed(cfg.seed)
+    model_cfg = model_config_from(recipe)
+    model = Transformer(model_cfg)
+    say(f"pretrain: model {model.num_params() / 1e6:.2f}M parameters, {model_cfg.n_layers} layers")
+    step, tokens_seen = 0, 0
+    loader = TokenLoader(
+        tokens_dir,
+        "train",
+        model_cfg.max_seq_len,
+        global_batch=cfg.tokens_per_step // model_cfg.max_seq_len,
+        dp_rank=dist.dp_rank,
+        dp_size=dist.dp_size,
+        seed=cfg.seed,
+    )
+    accum = grad_accum_steps(recipe, dist.dp_size)
+    restored = None
+    if resume and ckpt.list_checkpoints(stage_dir):
+        restored = ckpt.load_checkpoint(stage_dir)
+        load_weights(model, restored.tensors)
+        state = restored.trainer_state
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        say(f"pretrain: resumed from {restored.path} at step {step}")
+    model = parallel.apply(model, dist, recipe.parallel, runtime)
+    train_model = torch.compile(model) if cfg.compile else model
+    optimizer = build_optimizer(model, cfg)
+    if restored is not None and (opt_state := restored.optimizer_state()) is not None:
+        optimizer.load_state_dict(opt_state)
+
+    token_bytes = tokenizer.token_bytes()
+    flops_per_token = parallel.unwrap(model).flops_per_token(model_cfg.max_seq_len)
+    eval_batch = cfg.micro_batch_size
+
+    def evaluate(at_step: int) -> dict[str, float]:
+        result = evaluate_bpb(
+            model,
+            tokens_dir,
+            token_bytes,
+            model_cfg.max_seq_len,
+            eval_batch,
+            cfg.eval_tokens,
+            runtime,
+        )
+        log.write(at_step, **result)
+        return result
+
+    def save(at_step: int) -> Path:
+        path = stage_dir / f"step-{at_step:06d}"
+        if dist.is_main:
+            path = ckpt.save_checkpoint(
+                stage_dir,
+                at_step,
+                ckpt.model_tensors(parallel.unwrap(model)),
+                model_cfg.to_dict(),
+                {
+                    "step": at_step,
+                    "tokens_seen": tokens_seen,
+                    "max_steps": cfg.max_steps,
+                    "loader": loader.state_dict(),
+                    "rng": get_rng_state(),
+                    "lr": lr_at(at_step, cfg),
+                },
+                optimizer.state_dict(),
+                keep=cfg.keep_checkpoints,
+            )
+        dist.barrier()
+        return path
+
+    start = time.time()
+    last_val: dict[str, float] = {}
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        disable=not (progress and dist.is_main),
+        dynamic_ncols=True,
+        desc="pretrain",
+    )
+    model.train()
+    with StopSignals() as stop:
+        while step < cfg.max_steps:
+            if cfg.max_seconds and time.time() - start >= cfg.max_seconds:
+                say(f"pretrain: reached max_seconds={cfg.max_seconds:g} at step {step}")
+                break
+            t0 = time.time()
+            lr = lr_at(step, cfg, elapsed=t0 - start)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = loader.next_batch()
+            loss_sum = torch.zeros((), device=runtime.device)
+            for i, (micro_x, micro_y) in enumerate(
+                zip(x.chunk(accum), y.chunk(accum), strict=True)
+            ):
+                micro_x = micro_x.to(runtime.device, non_blocking=True)
+                micro_y = micro_y.to(runtime.device, non_blocking=True)
+                # Data-parallel gradients are reduced once, after the last micro-batch.
+                with dist.sync_gradients(i == accum - 1), runtime.autocast():
+                    loss = cross_entropy_loss(train_model(micro_x), micro_y) / accum
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += cfg.tokens_per_step
+            loss_value = dist.mean(loss_sum).item()
+            if not math.isfinite(loss_value):
+                raise RuntimeError(f"loss is {loss_value} at step {step}; lower pretrain.lr")
+            tokens_per_s = cfg.tokens_per_step / (time.time() - t0)
+            log.write(
+                step,
+                loss=loss_value,
+                lr=lr,
+                tokens_per_s=round(tokens_per_s, 1),
+                grad_norm=float(grad_norm),
+                tokens=tokens_seen,
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                last_val = evaluate(step)
+                bar.write(
+                    f"step {step}: val_loss {last_val['val_loss']:.4f}, "
+                    f"val_bpb {last_val['val_bpb']:.4f}"
+                ) if dist.is_main else None
+            if stop.signum is not None:
+                saved = save(step)
+                bar.close()
+                raise TrainingInterrupted(stop.signum, saved)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                save(step)
+    bar.close()
+    last_val = evaluate(step)
+    final = save(step)
+    seconds = time.time() - start
+    result = {
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "seconds": round(seconds, 1),
+        "checkpoint": str(final),
+        "params": parallel.unwrap(model).num_params(),
+        "flops_per_token": flops_per_token,
+        **last_val,
+    }
+    say(
+        f"pretrain: step {step}, val_loss {last_val['val_loss']:.4f}, "
+        f"val_bpb {last_val['val_bpb']:.4f}, {seconds:.0f} s"
+    )
+    parallel.shutdown(dist)
+    return result

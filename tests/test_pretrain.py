@@ -1,0 +1,130 @@
+"""The pretraining loop: exact resume, clean stop on SIGTERM, global-batch arithmetic."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from scratchlm.config import load_recipe
+from scratchlm.documents import write_documents
+from scratchlm.errors import UserError
+from scratchlm.pipeline import run_tokenize, run_tokenizer
+from scratchlm.train.metrics import read_metrics
+from scratchlm.train.pretrain import grad_accum_steps, pretrain
+
+from .conftest import ROOT
+
+TINY = [
+    "model.dim=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.max_seq_len=32",
+    "model.vocab_size=300",
+    "pretrain.tokens_per_step=256",
+    "pretrain.micro_batch_size=4",
+    "pretrain.warmup_steps=2",
+    "pretrain.eval_every=3",
+    "pretrain.eval_tokens=256",
+    "pretrain.save_every=3",
+    "pretrain.keep_checkpoints=5",
+    "pretrain.lr=1e-2",
+    "pretrain.device=cpu",
+    "sample.max_new_tokens=8",
+]
+
+
+def make_corpus_run(run_dir, overrides=()):
+    """A run folder with curated documents, a tokenizer and token shards."""
+    import gzip
+
+    with gzip.open(ROOT / "data/tinystories/tinystories_train_head_lowercase.txt.gz", "rt") as f:
+        text = f.read(120_000)
+    stories = [s for s in text.split("\n") if s.strip()]
+    write_documents(
+        run_dir / "curated" / "part-00000.jsonl.zst",
+        ({"id": f"s{i}", "text": s, "meta": {}} for i, s in enumerate(stories)),
+    )
+    recipe = load_recipe(None, [*TINY, *overrides])
+    run_tokenizer(recipe, run_dir)
+    run_tokenize(recipe, run_dir)
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    make_corpus_run(run_dir)
+    return run_dir
+
+
+def _fresh_copy(src, dst):
+    dst.mkdir()
+    shutil.copy(src / "tokenizer.json", dst / "tokenizer.json")
+    shutil.copytree(src / "tokens", dst / "tokens")
+    return dst
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def test_grad_accumulation_is_derived_from_tokens_per_step():
+    recipe = load_recipe(None, TINY)
+    assert grad_accum_steps(recipe, dp_size=1) == 2
+    assert grad_accum_steps(recipe, dp_size=2) == 1
+    with pytest.raises(UserError, match="tokens_per_step=256 must be a multiple of"):
+        grad_accum_steps(recipe, dp_size=4)
+
+
+def test_resume_continues_exactly(corpus_run, tmp_path):
+    recipe = load_recipe(None, [*TINY, "pretrain.max_steps=6"])
+    full = _fresh_copy(corpus_run, tmp_path / "full")
+    result = pretrain(recipe, full, progress=False)
+    assert result["step"] == 6 and result["val_bpb"] > 0
+    # A crash right after step 3's checkpoint: keep only that one and resume.
+    cut = _fresh_copy(corpus_run, tmp_path / "cut")
+    shutil.copytree(full / "pretrain" / "step-000003", cut / "pretrain" / "step-000003")
+    (cut / "pretrain" / "latest").symlink_to("step-000003")
+    pretrain(recipe, cut, resume=True, progress=False)
+    before, after = _losses(full), _losses(cut)
+    assert sorted(after) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert after[step] == pytest.approx(before[step], rel=1e-6)
+    state = json.loads((cut / "pretrain/latest/trainer_state.json").read_text())
+    assert state["step"] == 6 and state["tokens_seen"] == 6 * 256
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus_run, tmp_path):
+    run = _fresh_copy(corpus_run, tmp_path / "sig")
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [
+        f"--set={s}"
+        for s in [
+            *TINY,
+            "pretrain.max_steps=100000",
+            "pretrain.save_every=0",
+            "pretrain.eval_every=0",
+        ]
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scratchlm", "pretrain", "--run-dir", str(run), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_metrics(metrics)) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "Traceback" not in err and "continue with --resume" in err
+    state = json.loads((run / "pretrain/latest/trainer_state.json").read_text())
+    assert state["step"] == max(_losses(run))
