@@ -143,10 +143,15 @@ class _SwiGLU(torch.autograd.Function):
         return grad, None
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32 (bf16 and fp16 statistics lose too much precision)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):  # type: ignore[override]
-        xf = x.float()
+        xf = _upcast(x)
         rstd = torch.rsqrt(torch.linalg.vecdot(xf, xf).unsqueeze(-1).div_(x.shape[-1]).add_(eps))
         ctx.save_for_backward(x, weight, rstd)
         return (xf * rstd).to(x.dtype) * weight
@@ -154,8 +159,8 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, weight, rstd = ctx.saved_tensors
-        x_hat = x.float() * rstd
-        g = grad_out.float()
+        x_hat = _upcast(x) * rstd
+        g = _upcast(grad_out)
         gw = g * weight
         mean_dot = torch.linalg.vecdot(gw, x_hat).unsqueeze(-1).div_(x.shape[-1])
         grad_x = torch.addcmul(gw, x_hat, mean_dot, value=-1.0).mul_(rstd)
@@ -178,7 +183,6 @@ class _CrossEntropy(torch.autograd.Function):
 
     Rows are processed in chunks that stay in cache, so the [N, V] logits are read once and the
     gradient written once, instead of the passes of log_softmax, nll_loss and their backwards.
-    The backward scales that gradient in place, so it can run only once per forward.
     """
 
     @staticmethod
@@ -189,31 +193,28 @@ class _CrossEntropy(torch.autograd.Function):
         row_scale = (valid * scale).unsqueeze(1)  # 0 for ignored rows: their gradient is 0
         safe_targets = targets.masked_fill(~valid, 0)
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
-        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse = _upcast(logits.new_empty(n))
         rows = max(1, (1 << 18 if logits.device.type == "cpu" else 1 << 26) // vocab)
         for start in range(0, n, rows):
-            chunk = logits[start : start + rows].float()
+            chunk = _upcast(logits[start : start + rows])
             peak = chunk.amax(-1, keepdim=True)
             exp = (chunk - peak).exp_()
             total = exp.sum(-1, keepdim=True)
             lse[start : start + rows] = (peak + total.log()).squeeze(1)
             if grad is not None:
                 grad[start : start + rows] = exp.mul_(row_scale[start : start + rows] / total)
-        target_logits = logits.gather(1, safe_targets.unsqueeze(1)).squeeze(1).float()
+        target_logits = _upcast(logits.gather(1, safe_targets.unsqueeze(1)).squeeze(1))
         loss = ((lse - target_logits) * valid).sum() * scale
         if grad is not None:
             rows_index = torch.arange(n, device=logits.device)
             grad[rows_index, safe_targets] -= row_scale.squeeze(1).to(grad.dtype)
-            ctx.grad = grad
+            ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError("cross_entropy_loss: backward through the same loss ran twice")
-        ctx.grad = None
-        return grad.mul_(grad_loss.to(grad.dtype)), None, None
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None
 
 
 def cross_entropy_loss(
