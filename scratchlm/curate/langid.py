@@ -8,7 +8,7 @@ from pathlib import Path
 from scratchlm.errors import UserError
 from scratchlm.paths import PROJECT_ROOT
 
-MAX_CHARS = 20_000
+MAX_CHARS = 5_000
 """The first characters of a document are enough to tell its language, and bound the cost."""
 
 
