@@ -89,6 +89,10 @@ def find_shards(inputs: list[str]) -> tuple[list[Shard], dict[str, int]]:
 
 
 def _add_folder(folder: Path, shards: list[Shard], skipped: dict[str, int]) -> None:
+    if (folder / "stats.json").is_file() and any(folder.glob("part-*.jsonl.zst")):
+        # The output of an earlier curate run: its documents, not its rejected/ audit files.
+        shards.extend(Shard(str(p), "jsonl", [p]) for p in sorted(folder.glob("part-*.jsonl.zst")))
+        return
     html_by_dir: dict[Path, list[Path]] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if any(part.startswith(".") for part in path.relative_to(folder).parts):
@@ -110,11 +114,49 @@ def open_binary(path: Path) -> IO[bytes]:
     if suffix == ".gz":
         return gzip.open(path, "rb")
     if suffix == ".zst":
-        raw = open(path, "rb")
-        return zstandard.ZstdDecompressor().stream_reader(
-            raw, read_across_frames=True, closefd=True
-        )
+        return io.BufferedReader(_ZstdReader(open(path, "rb")))
     return open(path, "rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompressed bytes of a zstd file of one or more frames. Unlike zstandard's stream_reader,
+    a file that ends inside a frame raises EOFError instead of ending quietly."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.dobj = zstandard.ZstdDecompressor().decompressobj()
+        self.in_frame = False
+        self.pending = b""
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            chunk = self.raw.read(1 << 16)
+            if not chunk:
+                if self.in_frame:
+                    raise EOFError("zstd stream ended in the middle of a frame")
+                return 0
+            while chunk:
+                self.in_frame = True
+                self.pending += self.dobj.decompress(chunk)
+                chunk = b""
+                if self.dobj.eof:
+                    chunk = self.dobj.unused_data
+                    self.dobj = zstandard.ZstdDecompressor().decompressobj()
+                    self.in_frame = False
+        n = min(len(buffer), len(self.pending) - self.pos)
+        buffer[:n] = self.pending[self.pos : self.pos + n]
+        self.pos += n
+        if self.pos == len(self.pending):
+            self.pending, self.pos = b"", 0
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
 def looks_binary(head: bytes) -> bool:

@@ -42,10 +42,10 @@ def normalize(text: str, cfg: CurateConfig) -> tuple[str, Rejection | None, int]
     Returns the text, a rejection for bad input (or None), and how many characters were replaced
     because their bytes were invalid in the input's encoding.
     """
-    if len(text) > cfg.max_doc_chars:
-        return text, ("document too long", float(len(text))), 0
     if longest_line(text) > cfg.max_line_chars:
         return text, ("line too long", float(longest_line(text))), 0
+    if len(text) > cfg.max_doc_chars:
+        return text, ("document too long", float(len(text))), 0
     replaced = text.count(REPLACEMENT)
     if text and replaced / len(text) > cfg.max_invalid_char_ratio:
         return text, ("invalid utf-8", replaced / len(text)), replaced

@@ -29,9 +29,11 @@ def read_warc(path: Path, source: str) -> Iterator[dict]:
         try:
             it = ArchiveIterator(raw)
             for record in it:
+                doc = _record_document(record, source)
+                # Only after the record is read: get_record_offset() skips the rest of it.
                 offset = it.get_record_offset()
-                doc = _record_document(record, f"{source}@{offset}", source)
                 if doc is not None:
+                    doc["id"] = f"{source}@{offset}"
                     yield doc
         # warcio raises a range of errors on broken input (ArchiveLoadFailed, EOFError, zlib and
         # ValueError from header parsing); every one means the rest of the file is unreadable.
@@ -41,17 +43,26 @@ def read_warc(path: Path, source: str) -> Iterator[dict]:
             )
 
 
-def _record_document(record, doc_id: str, source: str) -> dict | None:
+def _cut_short(record) -> bool:
+    """Whether the file ended before the record's declared Content-Length (warcio does not say)."""
+    return getattr(record.raw_stream, "limit", 0) > 0
+
+
+def _record_document(record, source: str) -> dict | None:
     url = record.rec_headers.get_header("WARC-Target-URI") or ""
     meta = {"source": source, "url": url}
     if record.rec_type == "conversion":
         body = record.content_stream().read()
-        return {"id": doc_id, "text": body.decode("utf-8", errors="replace"), "meta": meta}
+        if _cut_short(record):
+            return bad("", "truncated or corrupt warc", body.decode("utf-8", errors="replace"))
+        return {"id": "", "text": body.decode("utf-8", errors="replace"), "meta": meta}
     if record.rec_type != "response" or record.http_headers is None:
         return None
     content_type = record.http_headers.get_header("Content-Type") or ""
     if "html" not in content_type.lower():
         return None
     body = record.content_stream().read()
+    if _cut_short(record):
+        return bad("", "truncated or corrupt warc", body.decode("utf-8", errors="replace"))
     meta["format"] = "html"
-    return {"id": doc_id, "text": decode_html(body, _charset(content_type)), "meta": meta}
+    return {"id": "", "text": decode_html(body, _charset(content_type)), "meta": meta}
