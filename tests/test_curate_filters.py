@@ -111,14 +111,15 @@ def test_html_to_text_drops_boilerplate():
 
 def test_pii_replaces_emails_and_public_ips_only():
     text, emails, ips = scrub(
-        "Mail jane.doe+x@example.co.uk or ops@host.org; server 8.8.8.8, local 192.168.1.1 and 127.0.0.1, "
-        "version 1.2.3.4.5",
+        "Mail jane.doe+x@example.co.uk or ops@host.org; server 8.8.8.8, local 192.168.1.1 and "
+        "127.0.0.1, version 1.2.3.4.5",
         "<EMAIL>",
         "<IP>",
     )
     assert text == (
         "Mail <EMAIL> or <EMAIL>; server <IP>, local 192.168.1.1 and 127.0.0.1, version 1.2.3.4.5"
     )
+    assert scrub("Visit 8.8.4.4.", "<EMAIL>", "<IP>")[0] == "Visit <IP>."
     assert (emails, ips) == (2, 1)
 
 

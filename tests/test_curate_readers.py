@@ -3,7 +3,6 @@ import io
 import re
 
 import pytest
-import zstandard
 from curate_samples import html_page, story, write_jsonl, write_warc
 
 from scratchlm.curate.config import CurateConfig
