@@ -128,5 +128,7 @@ class QualityScorer:
 
     def __call__(self, text: str) -> float:
         """Probability that the text is reference-like."""
-        labels, probs = self.model.predict([prepare(text)], k=2)
-        return float(dict(zip(labels[0], probs[0], strict=True)).get(GOOD, 0.0))
+        # k=1 only: with k=2, fasttext-wheel under numpy 2 repeats the top probability.
+        labels, probs = self.model.predict([prepare(text)], k=1)
+        top = float(probs[0][0])
+        return top if labels[0][0] == GOOD else 1.0 - top
