@@ -1,11 +1,140 @@
-"""The [curate] section of a recipe."""
+"""The [curate] section of a recipe.
+
+Each filter threshold is a key with the default its source publishes: Gopher (Rae et al. 2021, as
+implemented in datatrove's GopherQualityFilter / GopherRepetitionFilter), C4 (Raffel et al. 2020,
+datatrove's C4QualityFilter) and FineWeb (Penedo et al. 2024, datatrove's FineWebQualityFilter).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+DEFAULT_STEPS = [
+    "html",
+    "normalize",
+    "langid",
+    "gopher_repetition",
+    "gopher_quality",
+    "c4",
+    "fineweb",
+    "exact_dedup",
+    "near_dedup",
+    "pii",
+]
+"""The default steps, in order (reading always runs first; `quality` is added by recipes that name
+a classifier in `quality_model`)."""
+
+ALL_STEPS = [*DEFAULT_STEPS[:7], "quality", *DEFAULT_STEPS[7:]]
+"""Every known step, in the order they are meant to run."""
+
+
+@dataclass
+class GopherQualityConfig:
+    min_doc_words: int = 50
+    max_doc_words: int = 100_000
+    min_avg_word_length: float = 3.0
+    max_avg_word_length: float = 10.0
+    max_symbol_word_ratio: float = 0.1
+    """Hash signs and ellipses per word."""
+    max_bullet_lines_ratio: float = 0.9
+    max_ellipsis_lines_ratio: float = 0.3
+    max_non_alpha_words_ratio: float = 0.8
+    """At least this share of words must contain a letter (the name follows datatrove)."""
+    min_stop_words: int = 2
+    stop_words: list[str] = field(
+        default_factory=lambda: ["the", "be", "to", "of", "and", "that", "have", "with"]
+    )
+
+
+@dataclass
+class GopherRepetitionConfig:
+    dup_line_frac: float = 0.3
+    dup_para_frac: float = 0.3
+    dup_line_char_frac: float = 0.2
+    dup_para_char_frac: float = 0.2
+    top_ngram_sizes: list[int] = field(default_factory=lambda: [2, 3, 4])
+    top_ngram_max_fracs: list[float] = field(default_factory=lambda: [0.20, 0.18, 0.16])
+    dup_ngram_sizes: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9, 10])
+    dup_ngram_max_fracs: list[float] = field(
+        default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10]
+    )
+
+
+@dataclass
+class C4Config:
+    filter_no_terminal_punct: bool = True
+    """Drop lines that do not end in terminal punctuation (or end in an ellipsis)."""
+    min_words_per_line: int = 3
+    max_word_length: int = 1000
+    min_num_sentences: int = 5
+    filter_javascript: bool = True
+    filter_lorem_ipsum: bool = True
+    filter_curly_bracket: bool = True
+    filter_policy: bool = True
+    remove_citations: bool = True
+    """Remove Wikipedia-style citation marks such as [1] or [citation needed]."""
+
+
+@dataclass
+class FineWebConfig:
+    line_punct_thr: float = 0.12
+    """Minimum share of lines ending in terminal punctuation."""
+    short_line_thr: float = 0.67
+    """Maximum share of lines of at most short_line_length characters."""
+    short_line_length: int = 30
+    char_duplicates_ratio: float = 0.01
+    """Maximum share of characters in lines that repeat an earlier line."""
+    new_line_ratio: float = 0.3
+    """Maximum newlines per word (list-like pages)."""
+
 
 @dataclass
 class CurateConfig:
-    steps: list[str] = field(default_factory=lambda: ["read", "normalize"])
-    """The curation steps, in order."""
+    steps: list[str] = field(default_factory=lambda: list(DEFAULT_STEPS))
+    """The curation steps, in order. Known: html, normalize, langid, gopher_repetition,
+    gopher_quality, c4, fineweb, quality, exact_dedup, near_dedup, pii."""
+
+    # Reading
+    text_field: str = "text"
+    """Field holding the text in JSON Lines and Parquet inputs."""
+    id_field: str = "id"
+    text_separator: str = ""
+    """Regular expression splitting plain-text files into documents; empty: a file is a document.
+    TinyStories (stories on single newlines, paragraphs on blank lines): '(?<!\\n)\\n(?!\\n)'."""
+    max_doc_chars: int = 5_000_000
+    """Longer documents are set aside as bad input."""
+    max_line_chars: int = 1_000_000
+    """A document with a longer line is set aside as bad input."""
+    max_invalid_char_ratio: float = 0.05
+    """Documents with more characters decoded by replacement than this share are set aside."""
+
+    # Language ID (fastText lid.176)
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    min_lang_score: float = 0.65
+
+    gopher_quality: GopherQualityConfig = field(default_factory=GopherQualityConfig)
+    gopher_repetition: GopherRepetitionConfig = field(default_factory=GopherRepetitionConfig)
+    c4: C4Config = field(default_factory=C4Config)
+    fineweb: FineWebConfig = field(default_factory=FineWebConfig)
+
+    # Quality classifier
+    quality_model: str = ""
+    """fastText model from `scratchlm curate train-quality`; required by the quality step."""
+    quality_threshold: float = 0.5
+    """Documents whose probability of being reference-like text is lower are dropped."""
+
+    # Dedup
+    minhash_ngram: int = 5
+    minhash_bands: int = 14
+    minhash_rows: int = 8
+    minhash_seed: int = 1
+    near_dedup_threshold: float = 0.0
+    """When above 0, an LSH candidate pair must also have an estimated Jaccard of at least this."""
+
+    # PII
+    email_placeholder: str = "<EMAIL>"
+    ip_placeholder: str = "<IP>"
+
+    # Execution
+    workers: int = 0
+    """Processes over input shards; 0 means one per core."""

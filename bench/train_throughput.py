@@ -1,0 +1,154 @@
+"""Training throughput: scratchlm's Transformer against transformers' LlamaForCausalLM.
+
+Both models get the same shapes, batch, optimizer (AdamW, fused where supported) and precision
+(fp32 on CPU, bf16 autocast on CUDA). Steps alternate between the two models so that machine noise
+hits both alike; each model's figure is its median step time. Prints a table, and with --json a last
+line that is one JSON object.
+
+    PYTHONPATH=. python bench/train_throughput.py [--preset default|tiny] [--steps 10] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+
+from scratchlm.model import ModelConfig, Transformer, cross_entropy_loss
+
+PRESETS = {
+    # The shape of the PLATFORM measurement: 4M parameters (tied), 4096 tokens per step.
+    "default": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096, seq=256, batch=16),
+    # The demo recipe's model.
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=2048, seq=256, batch=32),
+}
+
+# Dense bf16 peak FLOP/s of common GPUs, for MFU.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def build_hf(cfg: ModelConfig) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(hf_cfg)
+
+
+def make_step(
+    model: torch.nn.Module, loss_of: Callable[[], torch.Tensor], device: torch.device, amp: bool
+) -> Callable[[], float]:
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+
+    def step() -> float:
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
+            loss = loss_of()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return step
+
+
+def gpu_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--batch", type=int, help="sequences per step (default: the preset's)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    shape = dict(PRESETS[args.preset])
+    seq, batch = shape.pop("seq"), args.batch or shape.pop("batch")
+    shape.pop("batch", None)
+    device = torch.device(args.device)
+    amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    torch.manual_seed(0)
+    cfg = ModelConfig(max_seq_len=seq, **shape)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    ours = Transformer(cfg).to(device)
+    hf = build_hf(cfg).to(device)
+    steps = {
+        "scratchlm": make_step(ours, lambda: cross_entropy_loss(ours(x), y), device, amp),
+        # transformers shifts labels itself; shift_labels hands it the same targets as ours.
+        "transformers": make_step(hf, lambda: hf(input_ids=x, labels=y, shift_labels=y).loss, device, amp),
+    }
+    params = {"scratchlm": ours.num_params(), "transformers": sum(p.numel() for p in hf.parameters())}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(args.warmup + args.steps):
+        for name, step in steps.items() if i % 2 == 0 else reversed(steps.items()):
+            elapsed = step()
+            if i >= args.warmup:
+                times[name].append(elapsed)
+
+    flops = ours.flops_per_token(seq)
+    peak = gpu_peak(device)
+    rows = {}
+    for name, ts in times.items():
+        tok_s = batch * seq / statistics.median(ts)
+        rows[name] = {
+            "params": params[name],
+            "tokens_per_s": round(tok_s, 1),
+            "tflops": round(tok_s * flops / 1e12, 4),
+            "mfu": round(tok_s * flops / peak, 4) if peak else None,
+        }
+    ratio = rows["scratchlm"]["tokens_per_s"] / rows["transformers"]["tokens_per_s"]
+    precision = "bf16 autocast" if amp else "fp32"
+    print(f"preset {args.preset}: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
+          f"{cfg.n_kv_heads} kv heads, vocab {cfg.vocab_size}, batch {batch} x {seq}, {precision}, "
+          f"{device.type} ({torch.get_num_threads()} threads), {args.steps} timed steps each")
+    print(f"{'model':<14}{'params':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}")
+    for name, r in rows.items():
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        print(f"{name:<14}{r['params']:>10,}{r['tokens_per_s']:>12,.0f}{r['tflops']:>10.3f}{mfu:>8}")
+    print(f"scratchlm / transformers: {ratio:.2f}x")
+    if args.json:
+        result = {
+            "preset": args.preset,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "threads": torch.get_num_threads(),
+            "precision": precision,
+            "batch": batch,
+            "seq_len": seq,
+            "models": rows,
+            "ratio_vs_transformers": round(ratio, 3),
+        }
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,398 @@
+"""The Llama-style decoder: RMSNorm, grouped-query attention with rotary embeddings, SwiGLU.
+
+Nothing here knows about training or parallelism. Speed comes from fewer, bigger kernels: q/k/v is
+one matmul and gate/up is one matmul, and RMSNorm, RoPE, SwiGLU and the loss are autograd Functions
+with hand-written backward passes that save only what they need and write gradients in place.
+
+Both fused weights are stored in groups (one group per key/value head): `wqkv` rows are
+[q heads of group 0, k head 0, v head 0, q heads of group 1, ...] and `w_gate_up` rows are
+[gate part 0, up part 0, gate part 1, ...]. A row-wise tensor-parallel split then keeps whole groups
+on each rank, and the forward derives the local number of groups from the weight's shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scratchlm.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 2048
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    max_seq_len: int = 256
+    ffn_dim: int = 0
+    """SwiGLU hidden size; 0 derives it: 8/3 * dim rounded up to a multiple of 64."""
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise UserError(f"model.dim={self.dim} must be n_heads={self.n_heads} x an even size")
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(f"model.n_heads={self.n_heads} must be a multiple of n_kv_heads")
+        if self.ffn_dim == 0:
+            self.ffn_dim = 64 * math.ceil(8 * self.dim / 3 / 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_groups(self) -> int:
+        """Groups of the fused gate/up weight: one per kv head when the hidden size allows."""
+        return self.n_kv_heads if self.ffn_dim % self.n_kv_heads == 0 else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"model config has unknown keys {unknown}; it accepts {sorted(known)}")
+        return cls(**data)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
+    """out = x rotated by the angles (cos, sin), "rotate_half" pairing (i, i + head_dim/2)."""
+    half = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1.0)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)
+
+
+class _SplitQKVRope(torch.autograd.Function):
+    """Grouped fused qkv [B, T, G*(R+2)*hd] -> q [B,T,G*R,hd], k [B,T,G,hd] (rotated), v [B,T,G,hd].
+
+    Saves nothing but the angle tables; the backward rotates the other way and writes all three
+    gradients into one buffer laid out like the fused projection's output.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_rep: int, head_dim: int):  # type: ignore[override]
+        B, T, width = qkv.shape
+        groups = width // ((n_rep + 2) * head_dim)
+        x = qkv.view(B, T, groups, n_rep + 2, head_dim)
+        angles = (cos.view(T, 1, 1, -1), sin.view(T, 1, 1, -1))
+        q = qkv.new_empty(B, T, groups, n_rep, head_dim)
+        k = qkv.new_empty(B, T, groups, 1, head_dim)
+        _rotate(x[:, :, :, :n_rep], *angles, q)
+        _rotate(x[:, :, :, n_rep : n_rep + 1], *angles, k)
+        v = x[:, :, :, n_rep + 1].clone()
+        ctx.save_for_backward(cos, sin)
+        ctx.shape = (B, T, groups, n_rep, head_dim)
+        return q.view(B, T, groups * n_rep, head_dim), k.view(B, T, groups, head_dim), v
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        B, T, groups, n_rep, head_dim = ctx.shape
+        grad = grad_q.new_empty(B, T, groups, n_rep + 2, head_dim)
+        inverse = (cos.view(T, 1, 1, -1), -sin.view(T, 1, 1, -1))
+        _rotate(grad_q.unflatten(2, (groups, n_rep)), *inverse, grad[:, :, :, :n_rep])
+        _rotate(grad_k.unsqueeze(3), *inverse, grad[:, :, :, n_rep : n_rep + 1])
+        grad[:, :, :, n_rep + 1].copy_(grad_v)
+        return grad.view(B, T, -1), None, None, None, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up from the grouped fused gate/up output; saves only that output."""
+
+    @staticmethod
+    def forward(ctx, gate_up, groups: int):  # type: ignore[override]
+        x = gate_up.unflatten(-1, (groups, 2, -1))
+        gate, up = x.select(-2, 0), x.select(-2, 1)
+        hidden = F.silu(gate).mul_(up)
+        ctx.save_for_backward(gate_up)
+        ctx.groups = groups
+        return hidden.flatten(-2)
+
+    @staticmethod
+    def backward(ctx, grad_hidden):  # type: ignore[override]
+        (gate_up,) = ctx.saved_tensors
+        x = gate_up.unflatten(-1, (ctx.groups, 2, -1))
+        gate, up = x.select(-2, 0), x.select(-2, 1)
+        grad = torch.empty_like(gate_up)
+        g = grad.unflatten(-1, (ctx.groups, 2, -1))
+        grad_gate, grad_up = g.select(-2, 0), g.select(-2, 1)
+        grad_h = grad_hidden.unflatten(-1, (ctx.groups, -1))
+        sig = torch.sigmoid(gate)
+        torch.mul(gate, sig, out=grad_up)  # silu(gate)
+        # d silu / d gate = sig + silu * (1 - sig)
+        torch.addcmul(grad_up, grad_up, sig, value=-1.0, out=grad_gate)
+        grad_gate.add_(sig).mul_(up).mul_(grad_h)
+        grad_up.mul_(grad_h)
+        return grad, None
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32 (bf16 and fp16 statistics lose too much precision)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):  # type: ignore[override]
+        xf = _upcast(x)
+        rstd = torch.rsqrt(torch.linalg.vecdot(xf, xf).unsqueeze(-1).div_(x.shape[-1]).add_(eps))
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd).to(x.dtype) * weight
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = _upcast(x) * rstd
+        g = _upcast(grad_out)
+        gw = g * weight
+        mean_dot = torch.linalg.vecdot(gw, x_hat).unsqueeze(-1).div_(x.shape[-1])
+        grad_x = torch.addcmul(gw, x_hat, mean_dot, value=-1.0).mul_(rstd)
+        grad_w = (g * x_hat).flatten(0, -2).sum(0)
+        return grad_x.to(x.dtype), grad_w.to(weight.dtype), None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _RMSNorm.apply(x, self.weight, self.eps)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy whose gradient (softmax - one_hot) is made in the same pass as the loss.
+
+    Rows are processed in chunks that stay in cache, so the [N, V] logits are read once and the
+    gradient written once, instead of the passes of log_softmax, nll_loss and their backwards.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index: int):  # type: ignore[override]
+        n, vocab = logits.shape
+        valid = targets != ignore_index
+        scale = 1.0 / valid.sum().clamp(min=1).to(torch.float32)
+        row_scale = (valid * scale).unsqueeze(1)  # 0 for ignored rows: their gradient is 0
+        safe_targets = targets.masked_fill(~valid, 0)
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        lse = _upcast(logits.new_empty(n))
+        rows = max(1, (1 << 18 if logits.device.type == "cpu" else 1 << 26) // vocab)
+        for start in range(0, n, rows):
+            chunk = _upcast(logits[start : start + rows])
+            peak = chunk.amax(-1, keepdim=True)
+            exp = (chunk - peak).exp_()
+            total = exp.sum(-1, keepdim=True)
+            lse[start : start + rows] = (peak + total.log()).squeeze(1)
+            if grad is not None:
+                grad[start : start + rows] = exp.mul_(row_scale[start : start + rows] / total)
+        target_logits = _upcast(logits.gather(1, safe_targets.unsqueeze(1)).squeeze(1))
+        loss = ((lse - target_logits) * valid).sum() * scale
+        if grad is not None:
+            rows_index = torch.arange(n, device=logits.device)
+            grad[rows_index, safe_targets] -= row_scale.squeeze(1).to(grad.dtype)
+            ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None
+
+
+def cross_entropy_loss(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean cross-entropy over targets that are not ignore_index; logits [..., V], targets [...]."""
+    return _CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index)
+
+
+class KVCache:
+    """Keys and values of past positions for decoding, preallocated per layer: [B, kv_heads, S, hd]."""
+
+    def __init__(
+        self,
+        layer_names: list[str],
+        batch_size: int,
+        n_kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.max_seq_len = max_seq_len
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.keys = {n: torch.zeros(shape, device=device, dtype=dtype) for n in layer_names}
+        self.values = {n: torch.zeros(shape, device=device, dtype=dtype) for n in layer_names}
+
+    def update(
+        self, layer: str, start_pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, kv_heads, T, hd] at start_pos; return the keys and values up to there."""
+        end = start_pos + k.shape[2]
+        self.keys[layer][:, :, start_pos:end] = k
+        self.values[layer][:, :, start_pos:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_rep = cfg.n_heads // cfg.n_kv_heads
+        self.head_dim = cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        layer: str,
+        start_pos: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.wqkv(x)
+        cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
+        q, k, v = _SplitQKVRope.apply(qkv, cos, sin, self.n_rep, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        mask = None
+        if cache is not None:
+            k, v = cache.update(layer, start_pos, k, v)
+            if start_pos > 0 and T > 1:  # a chunk after cached positions: causal with an offset
+                pos = torch.arange(k.shape[2], device=x.device)
+                mask = pos[None, :] <= pos[start_pos:, None]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_rep > 1
+        )
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.groups = cfg.ffn_groups
+        self.w_gate_up = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
+        self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.w_gate_up(x)
+        # Under tensor parallelism this rank holds a whole number of the groups.
+        local_groups = self.groups * gate_up.shape[-1] // self.w_gate_up.out_features
+        return self.w_down(_SwiGLU.apply(gate_up, max(1, local_groups)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: str, start_pos: int):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """tokens [B, T] -> logits [B, T, V]. A pipeline stage may set tok_embeddings, norm or output
+    to None: it then takes or returns hidden states [B, T, dim]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # A ModuleDict keyed "0".."N-1" keeps names stable when a pipeline stage deletes layers.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_weights()
+
+    def init_rope(self, device: torch.device | None = None) -> None:
+        """(Re)compute the rotary angle tables [max_seq_len, head_dim / 2] in fp32."""
+        cfg = self.config
+        device = device or self.rope_cos.device
+        exponents = torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32)
+        inv_freq = 1.0 / (cfg.rope_theta ** (exponents / cfg.head_dim))
+        angles = torch.outer(torch.arange(cfg.max_seq_len, device=device).float(), inv_freq)
+        self.rope_cos, self.rope_sin = angles.cos(), angles.sin()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0.02) weights, residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        self.init_rope()
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                residual = name.endswith(("attention.wo", "feed_forward.w_down"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if residual else 0.02)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        T = h.shape[1]
+        if start_pos + T > self.config.max_seq_len:
+            raise ValueError(
+                f"positions {start_pos}..{start_pos + T} exceed max_seq_len={self.config.max_seq_len}"
+            )
+        cos = self.rope_cos[start_pos : start_pos + T]
+        sin = self.rope_sin[start_pos : start_pos + T]
+        for name, layer in self.layers.items():
+            h = layer(h, cos, sin, cache, name, start_pos)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h
+
+    def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
+        """An empty KV cache on the model's device and dtype."""
+        cfg = self.config
+        weight = next(self.parameters())
+        return KVCache(
+            list(self.layers.keys()),
+            batch_size,
+            cfg.n_kv_heads,
+            max_seq_len or cfg.max_seq_len,
+            cfg.head_dim,
+            weight.device,
+            weight.dtype,
+        )
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters counted once each. exclude_embeddings drops the input lookup table unless it
+        is tied to the output head (then it does matmul work and stays, as in nanoGPT)."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings and self.tok_embeddings is not None and not self.config.tie_embeddings:
+            total -= self.tok_embeddings.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6N for the matmuls plus 12 * layers * dim * seq_len for
+        attention scores and values (PaLM appendix B; nanoGPT's MFU)."""
+        cfg = self.config
+        return 6 * self.num_params(exclude_embeddings=True) + 12 * cfg.n_layers * cfg.dim * seq_len

@@ -1,0 +1,244 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scratchlm.errors import UserError
+from scratchlm.model import (
+    ModelConfig,
+    Transformer,
+    _CrossEntropy,
+    _RMSNorm,
+    _SplitQKVRope,
+    _SwiGLU,
+    cross_entropy_loss,
+)
+
+
+def tiny(**overrides) -> ModelConfig:
+    values = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=24)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def split_weights(model: Transformer, layer: str) -> dict[str, torch.Tensor]:
+    """The fused grouped weights of one layer as plain q/k/v/gate/up matrices."""
+    cfg = model.config
+    block = model.layers[layer]
+    rep, hd = cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+    qkv = block.attention.wqkv.weight.view(cfg.n_kv_heads, rep + 2, hd, cfg.dim)
+    gate_up = block.feed_forward.w_gate_up.weight.view(cfg.ffn_groups, 2, -1, cfg.dim)
+    return {
+        "q": qkv[:, :rep].reshape(-1, cfg.dim),
+        "k": qkv[:, rep].reshape(-1, cfg.dim),
+        "v": qkv[:, rep + 1].reshape(-1, cfg.dim),
+        "gate": gate_up[:, 0].reshape(-1, cfg.dim),
+        "up": gate_up[:, 1].reshape(-1, cfg.dim),
+    }
+
+
+def reference_forward(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """A plain Llama forward (repeat_interleave GQA, explicit softmax) on the model's weights."""
+    cfg = model.config
+    B, T = tokens.shape
+    hd = cfg.head_dim
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
+
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2).double() / hd)
+    angles = torch.outer(torch.arange(T).double(), inv_freq)
+    cos, sin = torch.cat([angles.cos()] * 2, -1).float(), torch.cat([angles.sin()] * 2, -1).float()
+
+    def rope(x):  # [B, h, T, hd]
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    h = model.tok_embeddings.weight[tokens]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for name, block in model.layers.items():
+        w = split_weights(model, name)
+        x = rms(h, block.attention_norm.weight)
+        q = (x @ w["q"].T).view(B, T, cfg.n_heads, hd).transpose(1, 2)
+        k = (x @ w["k"].T).view(B, T, cfg.n_kv_heads, hd).transpose(1, 2)
+        v = (x @ w["v"].T).view(B, T, cfg.n_kv_heads, hd).transpose(1, 2)
+        q, k = rope(q), rope(k)
+        rep = cfg.n_heads // cfg.n_kv_heads
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(~causal, float("-inf"))
+        attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1)
+        h = h + attn @ block.attention.wo.weight.T
+        x = rms(h, block.ffn_norm.weight)
+        h = h + (F.silu(x @ w["gate"].T) * (x @ w["up"].T)) @ block.feed_forward.w_down.weight.T
+    return rms(h, model.norm.weight) @ model.output.weight.T
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("tie", [True, False])
+def test_forward_matches_plain_llama(n_kv_heads, tie):
+    torch.manual_seed(0)
+    model = Transformer(tiny(n_kv_heads=n_kv_heads, tie_embeddings=tie))
+    tokens = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens), reference_forward(model, tokens), atol=1e-5)
+
+
+def test_causality():
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    tokens = torch.randint(0, 97, (1, 16))
+    changed = tokens.clone()
+    changed[0, 9] = (tokens[0, 9] + 1) % 97
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert torch.equal(a[:, :9], b[:, :9])
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_cached_decoding_equals_full_forward():
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    tokens = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.new_cache(batch_size=2)
+        parts = [model(tokens[:, :7], cache, 0), model(tokens[:, 7:12], cache, 7)]
+        parts += [model(tokens[:, t : t + 1], cache, t) for t in range(12, 20)]
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
+def test_rope_is_the_closed_form_rotation():
+    torch.manual_seed(0)
+    hd, T, theta = 8, 5, 10000.0
+    model = Transformer(tiny(dim=16, n_heads=2, n_kv_heads=1, rope_theta=theta))
+    qkv = torch.randn(1, T, 4 * hd)  # one group: 2 q heads, k, v
+    q, k, v = _SplitQKVRope.apply(qkv, model.rope_cos[:T], model.rope_sin[:T], 2, hd)
+    x = qkv.view(1, T, 4, hd)
+    for t in range(T):
+        for i in range(hd // 2):
+            angle = t * theta ** (-2 * i / hd)
+            c, s = math.cos(angle), math.sin(angle)
+            for out, head in ((q[0, t, 0], 0), (q[0, t, 1], 1), (k[0, t, 0], 2)):
+                a, b = x[0, t, head, i].item(), x[0, t, head, i + hd // 2].item()
+                assert out[i].item() == pytest.approx(a * c - b * s, abs=1e-5)
+                assert out[i + hd // 2].item() == pytest.approx(a * s + b * c, abs=1e-5)
+    assert torch.equal(v[0, :, 0], x[0, :, 3])
+
+
+def test_custom_backwards_match_finite_differences():
+    torch.manual_seed(0)
+    d = dict(dtype=torch.float64, requires_grad=True)
+    x, w = torch.randn(3, 5, 8, **d), torch.randn(8, **d)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-5), (x, w))
+    gate_up = torch.randn(2, 3, 12, **d)
+    assert torch.autograd.gradcheck(lambda a: _SwiGLU.apply(a, 2), (gate_up,))
+    angles = torch.randn(4, 2, dtype=torch.float64)
+    qkv = torch.randn(2, 4, 2 * 4 * 4, **d)  # 2 groups of (2 q, k, v) heads of size 4
+    assert torch.autograd.gradcheck(
+        lambda a: _SplitQKVRope.apply(a, angles.cos(), angles.sin(), 2, 4), (qkv,)
+    )
+    logits = torch.randn(6, 7, **d)
+    targets = torch.tensor([0, 3, -100, 6, 2, -100])
+    assert torch.autograd.gradcheck(lambda a: _CrossEntropy.apply(a, targets, -100), (logits,))
+
+
+def test_cross_entropy_matches_torch():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 9, 300, requires_grad=True)
+    targets = torch.randint(0, 300, (4, 9))
+    targets[0, :3] = -100
+    ours = cross_entropy_loss(logits, targets)
+    (grad,) = torch.autograd.grad(ours * 3, logits)
+    ref = F.cross_entropy(logits.view(-1, 300), targets.view(-1), ignore_index=-100)
+    (ref_grad,) = torch.autograd.grad(ref * 3, logits)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(grad, ref_grad, atol=1e-7)
+    with torch.no_grad():
+        assert cross_entropy_loss(logits, targets).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    tokens = torch.randint(0, 97, (4, 17))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[0] > 4.0 and losses[-1] < 0.3
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_param_count_by_hand(tie):
+    cfg = tiny(tie_embeddings=tie)
+    assert cfg.ffn_dim == 128  # 8/3 * 32 = 85.3 -> next multiple of 64
+    embed = 97 * 32
+    attention = 32 * (4 + 2 * 2) * 8 + 4 * 8 * 32
+    mlp = 3 * 32 * 128
+    per_layer = attention + mlp + 2 * 32
+    expected = embed * (1 if tie else 2) + 2 * per_layer + 32
+    model = Transformer(cfg)
+    assert model.num_params() == expected
+    assert model.num_params(exclude_embeddings=True) == expected - (0 if tie else embed)
+    assert model.flops_per_token(24) == 6 * (expected - (0 if tie else embed)) + 12 * 2 * 32 * 24
+
+
+def test_init_scaling():
+    torch.manual_seed(0)
+    model = Transformer(tiny(dim=256, n_heads=8, n_kv_heads=4, n_layers=8, vocab_size=512))
+    residual = 0.02 / math.sqrt(16)
+    for name, p in model.named_parameters():
+        if name.endswith(("attention.wo.weight", "feed_forward.w_down.weight")):
+            assert p.std().item() == pytest.approx(residual, rel=0.05), name
+        elif name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p))
+        else:
+            assert p.std().item() == pytest.approx(0.02, rel=0.05), name
+
+
+def test_bf16_model_runs_with_bf16_rope_tables():
+    torch.manual_seed(0)
+    model = Transformer(tiny()).to(torch.bfloat16)
+    tokens = torch.randint(0, 97, (1, 10))
+    with torch.no_grad():
+        out = model(tokens)
+        ref = Transformer(tiny())
+        ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+        expected = ref(tokens)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - expected).abs().max().item() < 0.05
+
+
+def test_pipeline_stages_without_embeddings_or_head():
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    tokens = torch.randint(0, 97, (2, 8))
+    first, last = copy.deepcopy(model), copy.deepcopy(model)
+    first.norm = first.output = None
+    del first.layers["1"]
+    last.tok_embeddings = None
+    del last.layers["0"]
+    with torch.no_grad():
+        hidden = first(tokens)
+        out = last(hidden)
+    assert hidden.shape == (2, 8, 32)
+    assert torch.allclose(out, model(tokens), atol=1e-6)
+    names = set(dict(last.named_parameters()))
+    assert "layers.1.attention.wqkv.weight" in names and "output.weight" in names
+
+
+def test_config_round_trip_and_errors():
+    cfg = tiny(ffn_dim=0)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(UserError, match="unknown keys"):
+        ModelConfig.from_dict({**cfg.to_dict(), "n_expert": 2})
+    with pytest.raises(UserError, match="n_kv_heads"):
+        tiny(n_kv_heads=3)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        Transformer(tiny())(torch.zeros(1, 25, dtype=torch.long))
