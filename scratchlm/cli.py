@@ -105,9 +105,7 @@ def _recipe(args: argparse.Namespace, must_exist: bool = True):
 
 def _curate(argv: list[str]) -> int:
     if argv[:1] == ["train-quality"]:
-        from scratchlm.curate.quality import train_quality_cli
-
-        return train_quality_cli(argv[1:])
+        return _train_quality(argv[1:])
     args = build_parser().parse_args(["curate", *argv])
     from scratchlm.curate.pipeline import run_curate
 
@@ -123,6 +121,29 @@ def _curate(argv: list[str]) -> int:
 
     recipe = load_recipe(Path(args.recipe) if args.recipe else None, args.set)
     run_curate(args.inputs, args.out, recipe.curate, only=only)
+    return 0
+
+
+def _train_quality(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="scratchlm curate train-quality",
+        description="train the fastText quality classifier: reference text against raw web text",
+    )
+    p.add_argument("--positive", nargs="+", required=True, help="high-quality inputs")
+    p.add_argument("--negative", nargs="+", required=True, help="low-quality inputs")
+    p.add_argument("--out", type=Path, required=True, help="where to write model.bin")
+    p.add_argument("--text-separator", default="", help="split plain text files on this")
+    args = p.parse_args(argv)
+    from scratchlm.curate.quality import train_quality
+
+    result = train_quality(
+        args.positive, args.negative, args.out, text_separator=args.text_separator
+    )
+    print(
+        f"quality classifier: held-out accuracy {result['accuracy']:.3f} "
+        f"(precision {result['precision']:.3f}, recall {result['recall']:.3f}, "
+        f"{result['n_valid']} held-out examples); wrote {result['model']}"
+    )
     return 0
 
 
