@@ -1,8 +1,10 @@
 """Parallelism applied to a model from outside: the same model.py runs on one CPU or many GPUs.
 
-Under torchrun (WORLD_SIZE > 1) this initialises torch.distributed (NCCL on GPUs, gloo on CPU) and
-wraps the model for the layout the recipe's [parallel] section names. At world size 1 every
-collective here is a no-op.
+Under torchrun (WORLD_SIZE > 1) this initialises torch.distributed (NCCL on GPUs, gloo on CPU),
+builds a DeviceMesh with the dimensions (pp, dp_replicate, dp_shard, tp) from the recipe's
+[parallel] section, and applies, in torchtitan's order: the pipeline split, tensor parallelism,
+activation checkpointing, then FSDP2 (or DDP when data parallelism is only replicated). At world
+size 1 nothing is wrapped and every collective here is a no-op.
 """
 
 from __future__ import annotations
@@ -10,14 +12,27 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    parallelize_module,
+)
 
 from scratchlm.config import ParallelConfig
 from scratchlm.errors import UserError
 from scratchlm.train.device import Runtime
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
 @dataclass
@@ -26,7 +41,19 @@ class DistInfo:
     world_size: int
     dp_rank: int
     dp_size: int
+    mesh: DeviceMesh | None = None
+    pp_rank: int = 0
+    pp_size: int = 1
     ddp: bool = False
+    fsdp: bool = False
+    sharded: bool = False
+    """Parameters are split over ranks (FSDP2, TP or PP): checkpoints are written with DCP."""
+    pipeline: Any = None
+    """The PipelineRunner of this rank's stage when parallel.pp > 1."""
+    tied_copies: set[str] = field(default_factory=set)
+    """Names of this stage's copy of a tied embedding that another stage also holds: kept out of
+    weight decay (as the embedding is) and counted once in the gradient norm."""
+    _model: nn.Module | None = None
 
     @property
     def is_main(self) -> bool:
@@ -35,27 +62,42 @@ class DistInfo:
     def describe(self) -> str:
         if self.world_size == 1:
             return "1 process"
-        return f"{self.world_size} processes, data-parallel {self.dp_size}"
+        if self.mesh is None:
+            return f"{self.world_size} processes, DDP {self.dp_size}"
+        sizes = ", ".join(
+            f"{n} {self.mesh[n].size()}" for n in MESH_DIMS if self.mesh[n].size() > 1
+        )
+        return f"{self.world_size} processes, mesh: {sizes}"
 
     def barrier(self) -> None:
         if self.world_size > 1:
             torch_dist.barrier()
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """The mean over data-parallel ranks (each saw a different part of the global batch)."""
-        if self.dp_size == 1:
+        """The mean of a per-rank loss over the ranks that hold one: every data-parallel rank sees
+        a different part of the global batch, tensor-parallel ranks hold copies, and under
+        pipeline parallelism only the last stage computes the loss (the others pass zeros)."""
+        if self.world_size == 1:
             return value
         value = value.detach().clone()
         torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
-        return value / self.dp_size
+        return value / (self.world_size // self.pp_size)
+
+    def agree_stop(self, signum: int | None) -> int | None:
+        """The stop signal if any rank received one, so that every rank saves at the same step."""
+        if self.world_size == 1:
+            return signum
+        flag = torch.tensor([signum or 0])
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        return int(flag.item()) or None
 
     def sync_gradients(self, sync: bool) -> contextlib.AbstractContextManager:
-        """DDP's no_sync() for all but the last micro-batch of a step."""
+        """Skip the data-parallel gradient reduction for all but the last micro-batch of a step."""
         if self.ddp and not sync and self._model is not None:
             return self._model.no_sync()
+        if self.fsdp and self._model is not None:
+            self._model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
-
-    _model: torch.nn.Module | None = None
 
 
 def check_layout(cfg: ParallelConfig, world_size: int) -> None:
@@ -80,32 +122,196 @@ def init(cfg: ParallelConfig, device: torch.device) -> DistInfo:
     check_layout(cfg, world_size)
     if world_size == 1:
         return DistInfo(rank=0, world_size=1, dp_rank=0, dp_size=1)
-    if cfg.dp_shard > 1 or cfg.tp > 1 or cfg.pp > 1:
-        raise UserError("parallel.dp_shard, tp and pp are not available yet; use dp_replicate")
     if not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch_dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
     rank = torch_dist.get_rank()
-    return DistInfo(rank=rank, world_size=world_size, dp_rank=rank, dp_size=world_size)
+    if cfg.dp_replicate == world_size:  # plain DDP: no mesh needed
+        return DistInfo(rank=rank, world_size=world_size, dp_rank=rank, dp_size=world_size)
+    shape = (cfg.pp, cfg.dp_replicate, cfg.dp_shard, cfg.tp)
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
+    dp_rank = (
+        mesh["dp_replicate"].get_local_rank() * cfg.dp_shard + mesh["dp_shard"].get_local_rank()
+    )
+    return DistInfo(
+        rank=rank,
+        world_size=world_size,
+        dp_rank=dp_rank,
+        dp_size=cfg.dp_replicate * cfg.dp_shard,
+        mesh=mesh,
+        pp_rank=mesh["pp"].get_local_rank(),
+        pp_size=cfg.pp,
+        sharded=True,
+    )
 
 
 def apply(
-    model: torch.nn.Module, dist: DistInfo, cfg: ParallelConfig, runtime: Runtime
-) -> torch.nn.Module:
-    """Move the model to its device and wrap it for the recipe's layout."""
+    model: nn.Module,
+    dist: DistInfo,
+    cfg: ParallelConfig,
+    runtime: Runtime,
+    micro_batches: int = 1,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> nn.Module:
+    """Move the model to its device and parallelise it for the recipe's layout.
+
+    Under pipeline parallelism the returned module is this rank's stage, and dist.pipeline runs
+    the schedule over `micro_batches` micro-batches with `loss_fn` on the last stage.
+    """
     model = model.to(runtime.device)
-    if dist.world_size == 1:
-        return model
-    ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    dist.ddp = True
-    dist._model = wrapped
-    return wrapped
+    if dist.world_size == 1 or dist.mesh is None:
+        if cfg.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if dist.world_size == 1:
+            return model
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        dist.ddp, dist._model = True, wrapped
+        return wrapped
+    mesh = dist.mesh
+    if cfg.pp > 1:
+        from scratchlm.train.pipeline_parallel import split_stage
+
+        dist.tied_copies = split_stage(model, dist.pp_rank, cfg.pp)
+    if cfg.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.dp_shard > 1 or cfg.dp_replicate > 1:
+        apply_fsdp(model, mesh["dp_replicate", "dp_shard"], runtime)
+        dist.fsdp, dist._model = True, model
+    if cfg.pp > 1:
+        from scratchlm.train.pipeline_parallel import PipelineRunner
+
+        if loss_fn is None:
+            raise ValueError("pipeline parallelism needs the loss function")
+        dist.pipeline = PipelineRunner(model, dist, cfg, runtime, micro_batches, loss_fn)
+    return model
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, runtime: Runtime) -> None:
+    """FSDP2: each block, then the root (embeddings, final norm, head), sharded over dp_shard and
+    replicated over dp_replicate (HSDP when both exceed 1). On GPUs with bf16, parameters are
+    gathered in bf16 and gradients reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy()
+    if runtime.autocast_dtype is not None:
+        mp = MixedPrecisionPolicy(param_dtype=runtime.autocast_dtype, reduce_dtype=torch.float32)
+    if dp_mesh["dp_replicate"].size() == 1:
+        dp_mesh = dp_mesh["dp_shard"]
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+
+
+class ReplicateParallel(ParallelStyle):
+    """Keep a module whole on every tensor-parallel rank, with DTensor (Replicate) parameters so
+    that the optimizer and gradient clipping see one kind of tensor; activations stay plain."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def to_dtensor(_module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+            return tuple(
+                DTensor.from_local(t, mesh, [Replicate()], run_check=False)
+                if isinstance(t, torch.Tensor)
+                else t
+                for t in inputs
+            )
+
+        def to_local(_module: nn.Module, output: Any, _mesh: DeviceMesh) -> Any:
+            return output.to_local() if isinstance(output, DTensor) else output
+
+        return distribute_module(module, device_mesh, input_fn=to_dtensor, output_fn=to_local)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style: q/k/v and gate/up column-parallel, output and down projections row-parallel,
+    so each block needs one all-reduce after attention and one after the MLP.
+
+    The fused weights are laid out in groups of whole kv heads (see model.py), so a contiguous row
+    split keeps whole groups on each rank. Norms, embeddings and the head stay replicated: the fused
+    RMSNorm and cross-entropy are hand-written autograd Functions on plain tensors, which rules out
+    sequence parallelism and a vocabulary-parallel loss.
+    """
+    tp = tp_mesh.size()
+    first = next(iter(model.layers.values()))
+    groups = first.attention.wqkv.out_features // (
+        (first.attention.n_rep + 2) * first.attention.head_dim
+    )
+    if groups % tp:
+        raise UserError(f"model.n_kv_heads={groups} does not split over parallel.tp={tp}")
+    if first.feed_forward.groups % tp:
+        raise UserError(
+            f"the SwiGLU hidden size does not split into parallel.tp={tp} groups; "
+            "make model.ffn_dim a multiple of model.n_kv_heads"
+        )
+    for block in model.layers.values():
+        parallelize_module(
+            block,
+            tp_mesh,
+            {
+                "attention_norm": ReplicateParallel(),
+                "attention.wqkv": ColwiseParallel(),
+                "attention.wo": RowwiseParallel(),
+                "ffn_norm": ReplicateParallel(),
+                "feed_forward.w_gate_up": ColwiseParallel(),
+                "feed_forward.w_down": RowwiseParallel(),
+            },
+        )
+    tied = (
+        model.tok_embeddings is not None
+        and model.output is not None
+        and model.output.weight is model.tok_embeddings.weight
+    )
+    for name in ("tok_embeddings", "norm", "output"):
+        if getattr(model, name) is not None:
+            parallelize_module(getattr(model, name), tp_mesh, ReplicateParallel())
+    if tied:
+        model.output.weight = model.tok_embeddings.weight
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them.
+
+    The block's forward is replaced on the instance, so parameter names (and checkpoints) do not
+    change."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers.values():
+        forward = block.forward
+
+        def checkpointed(*args: Any, _forward: Callable = forward, **kwargs: Any) -> Any:
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, dist: DistInfo) -> torch.Tensor:
+    """torch's clip_grad_norm_, for DTensor and plain gradients alike, with the norm summed over
+    pipeline stages; a tied embedding's second copy is clipped but counted once."""
+    if dist.world_size == 1 or dist.mesh is None:
+        return nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    skip = dist.tied_copies
+    grads = [p.grad for n, p in model.named_parameters() if p.grad is not None]
+    counted = [p.grad for n, p in model.named_parameters() if p.grad is not None and n not in skip]
+    squares = torch.zeros((), device=grads[0].device if grads else None)
+    for g in counted:
+        norm = torch.linalg.vector_norm(g, dtype=torch.float32)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squares = squares + norm.square()
+    if dist.pp_size > 1:
+        torch_dist.all_reduce(squares, group=dist.mesh["pp"].get_group())
+    total = squares.sqrt()
+    coef = min(1.0, max_norm / (float(total) + 1e-6))
+    for g in grads:
+        g.mul_(coef)
+    return total
+
+
+def unwrap(model: nn.Module) -> nn.Module:
     """The plain Transformer inside whatever wrapper `apply` or torch.compile put around it."""
     while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)

@@ -75,7 +75,6 @@ def save_checkpoint(
     """Write step-NNNNNN atomically, point `latest` at it and keep the newest `keep` checkpoints."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    final = stage_dir / name
     tmp = stage_dir / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -84,6 +83,13 @@ def save_checkpoint(
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     if optimizer_state is not None:
         torch.save(optimizer_state, tmp / "optimizer.pt")
+    return finish_checkpoint(tmp, stage_dir, name, keep)
+
+
+def finish_checkpoint(tmp: Path, stage_dir: Path, name: str, keep: int) -> Path:
+    """Write the manifest of a complete temporary folder, rename it into place, move `latest`
+    and keep the newest `keep` checkpoints."""
+    final = stage_dir / name
     manifest = {
         p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
     }
@@ -175,11 +181,20 @@ class Checkpoint:
         return torch.load(p, map_location="cpu", weights_only=True) if p.exists() else None
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
+def load_checkpoint(path: Path, consolidate: bool = True) -> Checkpoint:
+    """A verified checkpoint. A sharded (DCP) one is consolidated into full weights, or, with
+    consolidate=False, comes with no tensors (the trainer loads it shard by shard)."""
     ckpt = resolve_checkpoint(path)
+    tensors: dict[str, torch.Tensor] = {}
+    if (ckpt / MODEL_FILE).exists():
+        tensors = load_file(str(ckpt / MODEL_FILE))
+    elif consolidate:
+        from scratchlm.train.distributed_checkpoint import consolidate
+
+        tensors = consolidate(ckpt)
     return Checkpoint(
         path=ckpt,
-        tensors=load_file(str(ckpt / MODEL_FILE)),
+        tensors=tensors,
         model_config=json.loads((ckpt / "config.json").read_text()),
         trainer_state=json.loads((ckpt / "trainer_state.json").read_text()),
     )

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 
 from scratchlm.config import PretrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
-    """AdamW: matrices decay, norms and embeddings do not; fused kernels where available."""
+def build_optimizer(
+    model: torch.nn.Module, cfg: PretrainConfig, no_decay_names: Collection[str] = ()
+) -> torch.optim.AdamW:
+    """AdamW: matrices decay, norms and embeddings do not; fused kernels where available.
+    no_decay_names are further embeddings (a pipeline stage's copy of a tied embedding)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_embedding = "embed" in name
+        is_embedding = "embed" in name or name in no_decay_names
         (decay if p.ndim >= 2 and not is_embedding else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},

@@ -19,6 +19,7 @@ from scratchlm.model import ModelConfig, Transformer, cross_entropy_loss
 from scratchlm.shards import TokenLoader, read_meta
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt
+from scratchlm.train import distributed_checkpoint as dckpt
 from scratchlm.train.checkpoint import load_weights
 from scratchlm.train.device import pick_runtime
 from scratchlm.train.metrics import MetricsLog
@@ -121,26 +122,40 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
     accum = grad_accum_steps(recipe, dist.dp_size)
     restored = None
     if resume and ckpt.list_checkpoints(stage_dir):
-        restored = ckpt.load_checkpoint(stage_dir)
-        load_weights(model, restored.tensors)
+        # A sharded checkpoint is read after the model is split; a single-file one before.
+        restored = ckpt.load_checkpoint(stage_dir, consolidate=False)
+        if restored.tensors:
+            load_weights(model, restored.tensors)
         state = restored.trainer_state
         step, tokens_seen = state["step"], state["tokens_seen"]
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         say(f"pretrain: resumed from {restored.path} at step {step}")
-    model = parallel.apply(model, dist, recipe.parallel, runtime)
+    flops_per_token = model.flops_per_token(model_cfg.max_seq_len)
+    n_params = model.num_params()
+    model = parallel.apply(model, dist, recipe.parallel, runtime, accum, cross_entropy_loss)
     train_model = torch.compile(model) if cfg.compile else model
-    optimizer = build_optimizer(model, cfg)
-    if restored is not None and (opt_state := restored.optimizer_state()) is not None:
-        optimizer.load_state_dict(opt_state)
+    optimizer = build_optimizer(model, cfg, no_decay_names=dist.tied_copies)
+    if restored is not None:
+        if dckpt.is_sharded(restored.path):
+            dckpt.load_sharded(restored.path, model, optimizer)
+        elif (opt_state := restored.optimizer_state()) is not None:
+            if dist.sharded:
+                dckpt.load_full_optimizer_state(model, optimizer, opt_state, model_cfg, cfg)
+            else:
+                optimizer.load_state_dict(opt_state)
 
     token_bytes = tokenizer.token_bytes()
-    flops_per_token = parallel.unwrap(model).flops_per_token(model_cfg.max_seq_len)
-    eval_batch = cfg.micro_batch_size
+    eval_model, eval_batch = model, cfg.micro_batch_size
+    if dist.pipeline is not None:  # evaluation runs through the stages too, at the training shape
+        eval_batch = cfg.micro_batch_size * accum
+        eval_model = dist.pipeline.whole_model(
+            eval_batch, model_cfg.max_seq_len, model_cfg.vocab_size
+        )
 
     def evaluate(at_step: int) -> dict[str, float]:
         result = evaluate_bpb(
-            model,
+            eval_model,
             tokens_dir,
             token_bytes,
             model_cfg.max_seq_len,
@@ -153,20 +168,32 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
 
     def save(at_step: int) -> Path:
         path = stage_dir / f"step-{at_step:06d}"
+        trainer_state = {
+            "step": at_step,
+            "tokens_seen": tokens_seen,
+            "max_steps": cfg.max_steps,
+            "loader": loader.state_dict(),
+            "rng": get_rng_state(),
+            "lr": lr_at(at_step, cfg),
+        }
+        if dist.sharded:  # every rank writes its own shards
+            return dckpt.save_sharded(
+                stage_dir,
+                at_step,
+                model,
+                optimizer,
+                model_cfg.to_dict(),
+                trainer_state,
+                dist,
+                keep=cfg.keep_checkpoints,
+            )
         if dist.is_main:
             path = ckpt.save_checkpoint(
                 stage_dir,
                 at_step,
                 ckpt.model_tensors(parallel.unwrap(model)),
                 model_cfg.to_dict(),
-                {
-                    "step": at_step,
-                    "tokens_seen": tokens_seen,
-                    "max_steps": cfg.max_steps,
-                    "loader": loader.state_dict(),
-                    "rng": get_rng_state(),
-                    "lr": lr_at(at_step, cfg),
-                },
+                trainer_state,
                 optimizer.state_dict(),
                 keep=cfg.keep_checkpoints,
             )
@@ -193,18 +220,21 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = loader.next_batch()
-            loss_sum = torch.zeros((), device=runtime.device)
-            for i, (micro_x, micro_y) in enumerate(
-                zip(x.chunk(accum), y.chunk(accum), strict=True)
-            ):
-                micro_x = micro_x.to(runtime.device, non_blocking=True)
-                micro_y = micro_y.to(runtime.device, non_blocking=True)
-                # Data-parallel gradients are reduced once, after the last micro-batch.
-                with dist.sync_gradients(i == accum - 1), runtime.autocast():
-                    loss = cross_entropy_loss(train_model(micro_x), micro_y) / accum
-                loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if dist.pipeline is not None:  # the schedule runs every micro-batch through the stages
+                loss_sum = dist.pipeline.step(x, y)
+            else:
+                loss_sum = torch.zeros((), device=runtime.device)
+                for i, (micro_x, micro_y) in enumerate(
+                    zip(x.chunk(accum), y.chunk(accum), strict=True)
+                ):
+                    micro_x = micro_x.to(runtime.device, non_blocking=True)
+                    micro_y = micro_y.to(runtime.device, non_blocking=True)
+                    # Data-parallel gradients are reduced once, after the last micro-batch.
+                    with dist.sync_gradients(i == accum - 1), runtime.autocast():
+                        loss = cross_entropy_loss(train_model(micro_x), micro_y) / accum
+                    loss.backward()
+                    loss_sum += loss.detach()
+            grad_norm = parallel.clip_grad_norm_(model, cfg.grad_clip, dist)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -229,10 +259,11 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
                     f"step {step}: val_loss {last_val['val_loss']:.4f}, "
                     f"val_bpb {last_val['val_bpb']:.4f}"
                 ) if dist.is_main else None
-            if stop.signum is not None:
+            # Every rank must stop at the same step: a signal may reach them at different times.
+            if (signum := dist.agree_stop(stop.signum)) is not None:
                 saved = save(step)
                 bar.close()
-                raise TrainingInterrupted(stop.signum, saved)
+                raise TrainingInterrupted(signum, saved)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 save(step)
     bar.close()
@@ -244,7 +275,7 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
         "tokens_seen": tokens_seen,
         "seconds": round(seconds, 1),
         "checkpoint": str(final),
-        "params": parallel.unwrap(model).num_params(),
+        "params": n_params,
         "flops_per_token": flops_per_token,
         **last_val,
     }

@@ -1,0 +1,124 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP), for layouts that split parameters.
+
+    STAGE_DIR/step-000500/  .metadata  __0_0.distcp  __1_0.distcp ...   (model + optimizer, DCP)
+                            config.json  trainer_state.json  manifest.json
+
+Every rank writes its own shards in parallel. Keys are the plain model's parameter names (through
+`get_state_dict`), and DCP reshards on load, so a checkpoint saved at one world size or layout
+resumes at another, down to one process without a process group. `consolidate` reads the full
+weights back without a model, which is how `load` and `scratchlm export` read a sharded
+checkpoint. The folder is written under a temporary name and renamed, as single-file ones are.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
+
+from scratchlm.config import PretrainConfig
+from scratchlm.model import ModelConfig, Transformer
+from scratchlm.train import checkpoint as ckpt
+from scratchlm.train.optim import build_optimizer
+
+if TYPE_CHECKING:
+    from scratchlm.parallel import DistInfo
+
+DCP_METADATA = ".metadata"
+
+
+def is_sharded(path: Path) -> bool:
+    return (path / DCP_METADATA).is_file()
+
+
+def save_sharded(
+    stage_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_config: dict[str, Any],
+    trainer_state: dict[str, Any],
+    dist: DistInfo,
+    keep: int = 2,
+) -> Path:
+    """Collective: every rank writes its shards; rank 0 writes the rest and moves it in place."""
+    name = f"step-{step:06d}"
+    tmp = stage_dir / f".tmp-{name}"
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    final = stage_dir / name
+    if dist.is_main:
+        (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        ckpt.finish_checkpoint(tmp, stage_dir, name, keep)
+    dist.barrier()
+    return final
+
+
+def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Fill a (parallelised) model and its optimizer from a sharded checkpoint, resharding it to
+    this rank's part."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(path), no_dist=not torch.distributed.is_initialized())
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+
+
+def consolidate(path: Path) -> dict[str, torch.Tensor]:
+    """The full model weights of a sharded checkpoint, read on one process without a model."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    model_state: dict[str, torch.Tensor] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata):
+            model_state[key.removeprefix("model.")] = torch.empty(
+                meta.size, dtype=meta.properties.dtype
+            )
+    dcp.load({"model": model_state}, checkpoint_id=str(path), no_dist=True)
+    config = json.loads((path / "config.json").read_text())
+    if config.get("tie_embeddings") and "tok_embeddings.weight" in model_state:
+        model_state.pop("output.weight", None)  # stored once, as single-file checkpoints do
+    return model_state
+
+
+def load_full_optimizer_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    model_config: ModelConfig,
+    cfg: PretrainConfig,
+) -> None:
+    """Resume a parallelised optimizer from a single-file checkpoint's optimizer.pt, whose state
+    is keyed by position in the plain model's optimizer: the positions are named through an
+    unsplit model built on the meta device, then each rank takes its part."""
+    with torch.device("meta"):
+        plain = Transformer(model_config)
+    plain_optimizer = build_optimizer(plain, cfg)
+    names = {id(p): n for n, p in plain.named_parameters()}
+    ordered = [names[id(p)] for g in plain_optimizer.param_groups for p in g["params"]]
+    by_name = {
+        "state": {ordered[int(i)]: s for i, s in state["state"].items()},
+        "param_groups": [
+            {**g, "params": [ordered[int(i)] for i in g["params"]]} for g in state["param_groups"]
+        ],
+    }
+    set_optimizer_state_dict(
+        model, optimizer, by_name, options=StateDictOptions(full_state_dict=True)
+    )
