@@ -132,14 +132,20 @@ def _clear_tokens_dir(out_dir: Path) -> None:
             path.unlink()
 
 
-def _iter_docs(doc_files: list[Path]) -> Iterator[tuple[str, str]]:
-    """(id, text) of every document, in file order."""
+def _iter_docs(doc_files: list[Path]) -> Iterator[tuple[str, str, str | None]]:
+    """(id, text, split named by the document's meta or None) of every document, in file order.
+
+    A document whose meta names {"split": "train"} or {"split": "val"} goes there, so a user (or a
+    benchmark) can fix its own held-out set.
+    """
     for f in doc_files:
         for line_no, doc in enumerate(read_documents(f), 1):
             text, doc_id = doc.get("text"), doc.get("id")
             if not isinstance(text, str) or doc_id is None:
                 raise UserError(f"{f}: document {line_no} needs an 'id' and a string 'text'")
-            yield str(doc_id), text
+            meta = doc.get("meta")
+            named = meta.get("split") if isinstance(meta, dict) else None
+            yield str(doc_id), text, named if named in SPLITS else None
 
 
 def _forced_splits(
@@ -157,7 +163,9 @@ def _forced_splits(
     lowest: tuple[float, int] | None = None
     highest: tuple[float, int] | None = None
     n_docs = 0
-    for position, (doc_id, text) in enumerate(_iter_docs(doc_files)):
+    for position, (doc_id, text, named) in enumerate(_iter_docs(doc_files)):
+        if named is not None:
+            return None, None
         if not text:
             continue
         score = val_score(seed, doc_id)
@@ -185,7 +193,7 @@ def _chunks(
     texts: list[str] = []
     splits: list[str] = []
     chars = empty = 0
-    for position, (doc_id, text) in enumerate(_iter_docs(doc_files)):
+    for position, (doc_id, text, named) in enumerate(_iter_docs(doc_files)):
         if not text:
             empty += 1
             continue
@@ -193,7 +201,7 @@ def _chunks(
             position != forced_train and val_score(seed, doc_id) < val_fraction
         )
         texts.append(text)
-        splits.append("val" if is_val else "train")
+        splits.append(named or ("val" if is_val else "train"))
         chars += len(text)
         if chars >= CHUNK_CHARS or len(texts) >= CHUNK_DOCS:
             yield texts, splits, empty

@@ -151,6 +151,20 @@ def test_val_gets_a_document_from_a_tiny_corpus(tmp_path: Path, tokenizer_path: 
     assert (meta["train_documents"], meta["val_documents"]) == (1, 1)
 
 
+def test_a_document_can_name_its_split(tmp_path: Path, tokenizer_path: Path) -> None:
+    docs = [
+        {"id": "a", "text": "held out text", "meta": {"split": "val"}},
+        {"id": "b", "text": "training text", "meta": {"split": "train"}},
+        {"id": "c", "text": "more training text", "meta": {"split": "train"}},
+    ]
+    write_documents(tmp_path / "docs" / "part-00000.jsonl.zst", docs)
+    files = [tmp_path / "docs" / "part-00000.jsonl.zst"]
+    meta = write_token_shards(files, tokenizer_path, tmp_path / "tokens", 0.99, workers=1)
+    assert (meta["train_documents"], meta["val_documents"]) == (2, 1)
+    tok = Tokenizer.load(tokenizer_path)
+    assert tok.decode(split_tokens(tmp_path / "tokens", "val").tolist()) == "held out text<|eos|>"
+
+
 def test_empty_documents_are_skipped_and_counted(tmp_path: Path, tokenizer_path: Path) -> None:
     files = write_docs(tmp_path / "docs", ["", "some text", ""])
     meta = write_token_shards(files, tokenizer_path, tmp_path / "tokens", 0.0, workers=1)
