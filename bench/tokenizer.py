@@ -35,6 +35,16 @@ SOURCES = [
 ]
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def best_seconds(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -101,7 +111,7 @@ def main() -> None:
             (args.copies if row["task"] == "write shards" else 1) * n_tokens / row["s"]
         )
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    machine = f"{cpu_name()}, {os.cpu_count()} cores"
     print(
         f"corpus {source.name}: {corpus_bytes / 1e6:.2f} MB, {len(lines)} lines, "
         f"{n_tokens} tokens at vocab {tok.vocab_size} ({corpus_bytes / n_tokens:.2f} bytes/token)"
