@@ -265,12 +265,10 @@ class _ShardWriter:
     the current one holds `shard_tokens` tokens."""
 
     def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
-        self.out_dir, self.split, self.dtype, self.shard_tokens = (
-            out_dir,
-            split,
-            dtype,
-            shard_tokens,
-        )
+        self.out_dir = out_dir
+        self.split = split
+        self.dtype = dtype
+        self.shard_tokens = shard_tokens
         self.shards: list[dict] = []
         self.file: Any = None
         self.current: dict = {}
