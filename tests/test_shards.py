@@ -85,7 +85,10 @@ def test_round_trip_of_documents(tmp_path: Path, tokenizer_path: Path) -> None:
     assert meta["bytes"] == sum(len(t.encode()) for t in texts)
     assert meta["tokenizer_sha256"] == tok.sha256
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 512
-    assert read_meta(tmp_path / "tokens") == meta
+    assert meta["seconds"] > 0 and meta["mb_per_s"] > 0
+    assert read_meta(tmp_path / "tokens") == {
+        k: v for k, v in meta.items() if k not in ("seconds", "mb_per_s")
+    }
 
 
 def test_output_is_identical_for_any_worker_count(tmp_path: Path, tokenizer_path: Path) -> None:
@@ -98,14 +101,14 @@ def test_output_is_identical_for_any_worker_count(tmp_path: Path, tokenizer_path
                 files, tokenizer_path, out, 0.2, seed=3, workers=workers, shard_tokens=5_000
             )
         )
-    for timing in ("seconds", "mb_per_s"):
-        metas[0].pop(timing), metas[1].pop(timing)
-    assert metas[0] == metas[1]
     assert len(metas[0]["splits"]["train"]["shards"]) > 2
-    for split in ("train", "val"):
-        for shard in metas[0]["splits"][split]["shards"]:
-            a = (tmp_path / "tokens-1" / shard["file"]).read_bytes()
-            assert a == (tmp_path / "tokens-2" / shard["file"]).read_bytes()
+    assert metas[0]["val_documents"] > 0
+    files_1 = sorted(p.name for p in (tmp_path / "tokens-1").iterdir())
+    assert files_1 == sorted(p.name for p in (tmp_path / "tokens-2").iterdir())
+    for name in files_1:
+        assert (tmp_path / "tokens-1" / name).read_bytes() == (
+            tmp_path / "tokens-2" / name
+        ).read_bytes()
 
 
 def test_meta_counts_match_files_and_documents(corpus: Path) -> None:
