@@ -3,8 +3,8 @@
 import gzip
 import json
 
-from .conftest import ROOT
-from .test_pretrain import TINY
+from conftest import ROOT
+from test_pretrain import TINY
 
 
 def test_pipeline_end_to_end_then_skips_what_is_up_to_date(cli, tmp_path):
@@ -22,9 +22,17 @@ def test_pipeline_end_to_end_then_skips_what_is_up_to_date(cli, tmp_path):
     args = ["pipeline", "--run-dir", str(run)] + [a for s in sets for a in ("--set", s)]
     first = cli(*args)
     assert first.returncode == 0, first.stderr[-3000:]
-    for path in ["recipe.toml", "tokenizer.json", "tokens/meta.json", "metrics.jsonl",
-                 "pretrain/latest/model.safetensors", "report.html", "loss.png",
-                 "curated/stats.json", "eval/results.json"]:
+    for path in [
+        "recipe.toml",
+        "tokenizer.json",
+        "tokens/meta.json",
+        "metrics.jsonl",
+        "pretrain/latest/model.safetensors",
+        "report.html",
+        "loss.png",
+        "curated/stats.json",
+        "eval/results.json",
+    ]:
         assert (run / path).exists(), path
     assert "validation bits per byte:" in first.stdout
     results = json.loads((run / "eval/results.json").read_text())
@@ -48,7 +56,8 @@ def test_pipeline_end_to_end_then_skips_what_is_up_to_date(cli, tmp_path):
     state = json.loads((run / "pretrain/latest/trainer_state.json").read_text())
     assert state["step"] == 14
 
-    generated = cli("generate", str(run), "--prompt", "once upon a time", "--max-new-tokens", "5",
-                    "--seed", "1")
+    generated = cli(
+        "generate", str(run), "--prompt", "once upon a time", "--max-new-tokens", "5", "--seed", "1"
+    )
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout.startswith("once upon a time")

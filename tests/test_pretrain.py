@@ -16,7 +16,7 @@ from scratchlm.pipeline import run_tokenize, run_tokenizer
 from scratchlm.train.metrics import read_metrics
 from scratchlm.train.pretrain import grad_accum_steps, pretrain
 
-from .conftest import ROOT
+from conftest import ROOT
 
 TINY = [
     "model.dim=32",
