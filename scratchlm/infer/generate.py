@@ -1,4 +1,4 @@
-"""Sampling with a KV cache: temperature, top-k, top-p, seed and stop tokens, one token at a time."""
+"""Sampling with a KV cache: temperature, top-k, top-p, seed, stop tokens; one token at a time."""
 
 from __future__ import annotations
 
