@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT
 
 from scratchlm.config import load_recipe
 from scratchlm.documents import write_documents
@@ -15,8 +16,6 @@ from scratchlm.errors import UserError
 from scratchlm.pipeline import run_tokenize, run_tokenizer
 from scratchlm.train.metrics import read_metrics
 from scratchlm.train.pretrain import grad_accum_steps, pretrain
-
-from .conftest import ROOT
 
 TINY = [
     "model.dim=32",

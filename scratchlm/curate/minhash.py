@@ -5,14 +5,16 @@ into word n-gram shingles. No Python loop runs per word or per shingle:
 - word hashes are polynomial hashes mod 2^64 of the UTF-8 bytes, taken for every word at once from
   one prefix sum (h(word) = (P[end] - P[start]) * M^-start, with M odd so M^-1 exists mod 2^64);
 - shingle hashes combine n consecutive mixed word hashes with n vector operations;
-- the permutations are Thorup's strongly universal multiply-shift family on 64-bit keys,
-  h(x) = (a1 * lo(x) + a2 * hi(x) + b) >> 32, evaluated as one (shingles x permutations) product.
+- the permutations are Dietzfelbinger's multiply-add-shift family on 32-bit keys (the top half of
+  each mixed shingle hash), h(x) = (a * x + b mod 2^64) >> 32, with a odd: one (shingles x
+  permutations) product, three vector operations and a min per block.
 Everything wraps mod 2^64 on purpose (numpy unsigned arithmetic), so results are deterministic and
 the same on every platform.
 """
 
 from __future__ import annotations
 
+import re
 import string
 
 import numpy as np
@@ -20,12 +22,11 @@ import numpy as np
 _M = np.uint64(0x9E3779B97F4A7C15 | 1)
 _M_INV = np.uint64(pow(int(_M), -1, 1 << 64))
 _SHINGLE_MUL = np.uint64(0xD6E8FEB86659FD93)
-_LO = np.uint64(0xFFFFFFFF)
-_SPACE = np.zeros(256, bool)
-_SPACE[[9, 10, 11, 12, 13, 32]] = True
-_PUNCT_TO_SPACE = str.maketrans(
-    {c: " " for c in string.punctuation + "\u2018\u2019\u201c\u201d\u2026\u2013\u2014\u00ab\u00bb"}
-)
+_UNICODE_PUNCT = "\u2018\u2019\u201c\u201d\u2026\u2013\u2014\u00ab\u00bb"
+_UNICODE_PUNCT_RE = re.compile(f"[{_UNICODE_PUNCT}]")
+_SEPARATOR = np.zeros(256, bool)  # bytes that end a word: ASCII whitespace and punctuation
+_SEPARATOR[[9, 10, 11, 12, 13, 32]] = True
+_SEPARATOR[list(string.punctuation.encode())] = True
 _CHUNK = 2048
 
 
@@ -59,12 +60,20 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def simple_words(text: str) -> list[str]:
+    """The words that word_hashes hashes, as strings (for reference implementations and tests)."""
+    text = _UNICODE_PUNCT_RE.sub(" ", text).lower()
+    return text.translate({ord(c): " " for c in string.punctuation}).split()
+
+
 def word_hashes(text: str) -> np.ndarray:
     """One uint64 hash per word of the simplified text."""
-    data = np.frombuffer(text.lower().translate(_PUNCT_TO_SPACE).encode("utf-8"), np.uint8)
+    if not text.isascii():
+        text = _UNICODE_PUNCT_RE.sub(" ", text)
+    data = np.frombuffer(text.lower().encode("utf-8", errors="surrogatepass"), np.uint8)
     if data.size == 0:
         return np.zeros(0, np.uint64)
-    in_word = np.r_[False, ~_SPACE[data], False].astype(np.int8)
+    in_word = np.r_[False, ~_SEPARATOR[data], False].astype(np.int8)
     edges = np.diff(in_word)
     starts = np.flatnonzero(edges == 1)
     ends = np.flatnonzero(edges == -1)
@@ -95,8 +104,7 @@ class MinHasher:
     def __init__(self, n_perm: int, seed: int = 1, ngram: int = 5) -> None:
         rng = np.random.default_rng(seed)
         top = np.iinfo(np.uint64).max
-        self.a1 = rng.integers(1, top, n_perm, dtype=np.uint64, endpoint=True)
-        self.a2 = rng.integers(1, top, n_perm, dtype=np.uint64, endpoint=True)
+        self.a = rng.integers(1, top, n_perm, dtype=np.uint64, endpoint=True) | np.uint64(1)
         self.b = rng.integers(0, top, n_perm, dtype=np.uint64, endpoint=True)
         self.n_perm = n_perm
         self.ngram = ngram
@@ -104,10 +112,12 @@ class MinHasher:
     def signature_of_hashes(self, shingles: np.ndarray) -> np.ndarray:
         """uint32 signature; all 2^32-1 when there are no shingles."""
         sig = np.full(self.n_perm, np.iinfo(np.uint32).max, np.uint64)
+        keys = shingles >> np.uint64(32)  # the top half of a splitmix64 output is well mixed
         with np.errstate(over="ignore"):
-            for i in range(0, shingles.size, _CHUNK):
-                x = shingles[i : i + _CHUNK, None]
-                h = (self.a1 * (x & _LO) + self.a2 * (x >> np.uint64(32)) + self.b) >> np.uint64(32)
+            for i in range(0, keys.size, _CHUNK):
+                h = self.a * keys[i : i + _CHUNK, None]
+                h += self.b
+                h >>= np.uint64(32)
                 np.minimum(sig, h.min(axis=0), out=sig)
         return sig.astype(np.uint32)
 

@@ -40,7 +40,7 @@ def _chunks(inputs: list[str], cfg: CurateConfig, chunk_words: int) -> Iterator[
             text, rejection, _ = normalize(doc["text"], cfg)
             if rejection is not None:
                 continue
-            words = prepare(text).split()
+            words = _PUNCT.sub(r" \1 ", text.lower()).split()  # all of it: prepare() truncates
             for i in range(0, len(words), chunk_words):
                 piece = words[i : i + chunk_words]
                 if len(piece) >= min(chunk_words, 20):

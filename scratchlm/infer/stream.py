@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 from scratchlm.infer.generate import generate
-
 from scratchlm.loading import load
 
 
