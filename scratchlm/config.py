@@ -100,6 +100,7 @@ class SampleConfig:
 class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = 1
+    """FSDP2 degree; -1: the world size divided by dp_replicate x tp x pp."""
     tp: int = 1
     pp: int = 1
     pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"

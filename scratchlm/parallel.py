@@ -101,6 +101,16 @@ class DistInfo:
 
 
 def check_layout(cfg: ParallelConfig, world_size: int) -> None:
+    """The degrees must multiply to the world size. parallel.dp_shard = -1 takes what the others
+    leave (as in torchtitan), so one recipe runs at any world size; it is resolved here, in cfg."""
+    if cfg.dp_shard == -1:
+        rest = cfg.dp_replicate * cfg.tp * cfg.pp
+        cfg.dp_shard = world_size // rest if rest > 0 and world_size % rest == 0 else 0
+        if cfg.dp_shard < 1:
+            raise UserError(
+                f"parallel.dp_shard=-1: the world size {world_size} is not a multiple of "
+                f"parallel.dp_replicate x tp x pp = {rest}"
+            )
     degrees = {
         "dp_replicate": cfg.dp_replicate,
         "dp_shard": cfg.dp_shard,
