@@ -50,6 +50,8 @@ class DistInfo:
     """Parameters are split over ranks (FSDP2, TP or PP): checkpoints are written with DCP."""
     pipeline: Any = None
     """The PipelineRunner of this rank's stage when parallel.pp > 1."""
+    deepspeed: Any = None
+    """The DeepSpeedRunner when parallel.engine = "deepspeed"."""
     tied_copies: set[str] = field(default_factory=set)
     """Names of this stage's copy of a tied embedding that another stage also holds: kept out of
     weight decay (as the embedding is) and counted once in the gradient norm."""
@@ -138,6 +140,10 @@ def init(cfg: ParallelConfig, device: torch.device) -> DistInfo:
             torch.cuda.set_device(device)
         torch_dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
     rank = torch_dist.get_rank()
+    if cfg.engine == "deepspeed":
+        if cfg.tp > 1 or cfg.pp > 1:
+            raise UserError("parallel.engine='deepspeed' runs data parallel only: set tp=1, pp=1")
+        return DistInfo(rank=rank, world_size=world_size, dp_rank=rank, dp_size=world_size)
     if cfg.dp_replicate == world_size:  # plain DDP: no mesh needed
         return DistInfo(rank=rank, world_size=world_size, dp_rank=rank, dp_size=world_size)
     shape = (cfg.pp, cfg.dp_replicate, cfg.dp_shard, cfg.tp)
@@ -174,7 +180,7 @@ def apply(
     if dist.world_size == 1 or dist.mesh is None:
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
-        if dist.world_size == 1:
+        if dist.world_size == 1 or cfg.engine == "deepspeed":  # DeepSpeed wraps it later
             return model
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -218,3 +218,20 @@ def test_two_nodes_with_a_local_rendezvous(corpus, single, tmp_path):
         out, _ = node.communicate(timeout=300)
         assert node.returncode == 0, out[-3000:]
     _assert_same_losses(run, single["base"])
+
+
+@pytest.mark.slow  # DeepSpeed compiles its C++ communication op on first use (about a minute)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_matches_one_process(stage, corpus, single, tmp_path):
+    pytest.importorskip("deepspeed")
+    run = _fresh_copy(corpus, tmp_path / "run")
+    layout = ["parallel.engine=deepspeed", f"parallel.zero_stage={stage}", "parallel.dp_shard=2"]
+    _assert_ok(torchrun(run, [*FIVE_STEPS, *layout]))
+    _assert_same_losses(run, single["base"])
+    # The checkpoint holds the weights gathered from the ZeRO partitions, in the single-file format.
+    ds_model, _ = load(run)
+    single_model, _ = load(single["base"])
+    for (name, a), (_, b) in zip(
+        ds_model.state_dict().items(), single_model.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -21,6 +22,7 @@ from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed_checkpoint as dckpt
 from scratchlm.train.checkpoint import load_weights
+from scratchlm.train.deepspeed_engine import DeepSpeedRunner, warn_optimizer_restart
 from scratchlm.train.device import pick_runtime
 from scratchlm.train.metrics import MetricsLog
 from scratchlm.train.optim import build_optimizer, lr_at
@@ -139,14 +141,20 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
     if restored is not None:
         if dckpt.is_sharded(restored.path):
             dckpt.load_sharded(restored.path, model, optimizer)
+        elif recipe.parallel.engine == "deepspeed":
+            warn_optimizer_restart()
         elif (opt_state := restored.optimizer_state()) is not None:
             if dist.sharded:
                 dckpt.load_full_optimizer_state(model, optimizer, opt_state, model_cfg, cfg)
             else:
                 optimizer.load_state_dict(opt_state)
+    if recipe.parallel.engine == "deepspeed":  # DeepSpeed owns the model and optimizer from here
+        dist.deepspeed = DeepSpeedRunner(model, optimizer, recipe, runtime, accum)
 
     token_bytes = tokenizer.token_bytes()
     eval_model, eval_batch = model, cfg.micro_batch_size
+    if dist.deepspeed is not None:
+        eval_model = dist.deepspeed.engine
     if dist.pipeline is not None:  # evaluation runs through the stages too, at the training shape
         eval_batch = cfg.micro_batch_size * accum
         eval_model = dist.pipeline.whole_model(
@@ -187,18 +195,43 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
                 dist,
                 keep=cfg.keep_checkpoints,
             )
-        if dist.is_main:
-            path = ckpt.save_checkpoint(
-                stage_dir,
-                at_step,
-                ckpt.model_tensors(parallel.unwrap(model)),
-                model_cfg.to_dict(),
-                trainer_state,
-                optimizer.state_dict(),
-                keep=cfg.keep_checkpoints,
-            )
+        deepspeed = dist.deepspeed
+        with deepspeed.full_weights() if deepspeed else contextlib.nullcontext():
+            if dist.is_main:
+                path = ckpt.save_checkpoint(
+                    stage_dir,
+                    at_step,
+                    ckpt.model_tensors(parallel.unwrap(model)),
+                    model_cfg.to_dict(),
+                    trainer_state,
+                    None if deepspeed else optimizer.state_dict(),
+                    keep=cfg.keep_checkpoints,
+                )
         dist.barrier()
         return path
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """One optimizer step over this rank's part of the global batch: (mean loss, grad norm)."""
+        if dist.deepspeed is not None:  # the engine accumulates, clips and steps itself
+            return dist.deepspeed.step(x, y)
+        if dist.pipeline is not None:  # the schedule runs every micro-batch through the stages
+            loss_sum = dist.pipeline.step(x, y)
+        else:
+            loss_sum = torch.zeros((), device=runtime.device)
+            for i, (micro_x, micro_y) in enumerate(
+                zip(x.chunk(accum), y.chunk(accum), strict=True)
+            ):
+                micro_x = micro_x.to(runtime.device, non_blocking=True)
+                micro_y = micro_y.to(runtime.device, non_blocking=True)
+                # Data-parallel gradients are reduced once, after the last micro-batch.
+                with dist.sync_gradients(i == accum - 1), runtime.autocast():
+                    loss = cross_entropy_loss(train_model(micro_x), micro_y) / accum
+                loss.backward()
+                loss_sum += loss.detach()
+        grad_norm = parallel.clip_grad_norm_(model, cfg.grad_clip, dist)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm
 
     start = time.time()
     last_val: dict[str, float] = {}
@@ -219,24 +252,7 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
             lr = lr_at(step, cfg, elapsed=t0 - start)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = loader.next_batch()
-            if dist.pipeline is not None:  # the schedule runs every micro-batch through the stages
-                loss_sum = dist.pipeline.step(x, y)
-            else:
-                loss_sum = torch.zeros((), device=runtime.device)
-                for i, (micro_x, micro_y) in enumerate(
-                    zip(x.chunk(accum), y.chunk(accum), strict=True)
-                ):
-                    micro_x = micro_x.to(runtime.device, non_blocking=True)
-                    micro_y = micro_y.to(runtime.device, non_blocking=True)
-                    # Data-parallel gradients are reduced once, after the last micro-batch.
-                    with dist.sync_gradients(i == accum - 1), runtime.autocast():
-                        loss = cross_entropy_loss(train_model(micro_x), micro_y) / accum
-                    loss.backward()
-                    loss_sum += loss.detach()
-            grad_norm = parallel.clip_grad_norm_(model, cfg.grad_clip, dist)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum, grad_norm = train_step(*loader.next_batch())
             step += 1
             tokens_seen += cfg.tokens_per_step
             loss_value = dist.mean(loss_sum).item()
