@@ -47,7 +47,11 @@ LAYOUTS = {
     "TP 2": (2, ["parallel.tp=2"]),
     "PP 2 (1F1B)": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
 }
-GPU_BATCH = {"124m": ["pretrain.micro_batch_size=16"], "1b": ["pretrain.micro_batch_size=4"]}
+# Two micro-batches per step: enough to time accumulation without hour-long steps.
+GPU_BATCH = {
+    "124m": ["pretrain.micro_batch_size=16", "pretrain.tokens_per_step=32768"],
+    "1b": ["pretrain.micro_batch_size=4", "pretrain.tokens_per_step=16384"],
+}
 # Dense bf16 peak FLOP/s, for MFU.
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 COMM_OPS = re.compile(

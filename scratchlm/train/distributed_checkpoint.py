@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,10 +77,17 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     this rank's part."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not torch.distributed.is_initialized())
+    _dcp_load(state, path)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
+
+
+def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    """dcp.load, also on one process without a process group (DCP warns that it assumes so)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=not torch.distributed.is_initialized())
 
 
 def consolidate(path: Path) -> dict[str, torch.Tensor]:
@@ -91,7 +99,7 @@ def consolidate(path: Path) -> dict[str, torch.Tensor]:
             model_state[key.removeprefix("model.")] = torch.empty(
                 meta.size, dtype=meta.properties.dtype
             )
-    dcp.load({"model": model_state}, checkpoint_id=str(path), no_dist=True)
+    _dcp_load({"model": model_state}, path)
     config = json.loads((path / "config.json").read_text())
     if config.get("tie_embeddings") and "tok_embeddings.weight" in model_state:
         model_state.pop("output.weight", None)  # stored once, as single-file checkpoints do
