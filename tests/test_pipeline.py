@@ -61,3 +61,13 @@ def test_pipeline_end_to_end_then_skips_what_is_up_to_date(cli, tmp_path):
     )
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout.startswith("once upon a time")
+
+    # The Python API: a run folder gives the model and tokenizer; logits are [batch, time, vocab].
+    import torch
+
+    from scratchlm import load
+
+    model, tokenizer = load(run)
+    ids = tokenizer.encode("once upon a time")
+    logits = model(torch.tensor([ids, ids]))
+    assert logits.shape == (2, len(ids), model.config.vocab_size)
