@@ -1,0 +1,1 @@
+"""Generation from trained models: sampling with a KV cache."""
