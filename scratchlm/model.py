@@ -78,7 +78,11 @@ def _rotate(x: torch.Tensor, freqs: torch.Tensor, out: torch.Tensor) -> None:
     """
     pairs = x.unflatten(-1, (-1, 2))
     if x.dtype in (torch.float32, torch.float64):
-        torch.mul(torch.view_as_complex(pairs), freqs, out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+        torch.mul(
+            torch.view_as_complex(pairs),
+            freqs,
+            out=torch.view_as_complex(out.unflatten(-1, (-1, 2))),
+        )
     else:  # no complex bf16: rotate in fp32 and round once
         out.copy_(torch.view_as_real(torch.view_as_complex(pairs.float()) * freqs).flatten(-2))
 
@@ -243,11 +247,13 @@ def cross_entropy_loss(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
 ) -> torch.Tensor:
     """Mean cross-entropy over targets that are not ignore_index; logits [..., V], targets [...]."""
-    return _CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index)
+    return _CrossEntropy.apply(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index
+    )
 
 
 class KVCache:
-    """Keys and values of past positions for decoding, preallocated per layer: [B, kv_heads, S, hd]."""
+    """Past keys and values for decoding, preallocated per layer as [B, kv_heads, S, head_dim]."""
 
     def __init__(
         self,
@@ -279,7 +285,9 @@ class Attention(nn.Module):
         super().__init__()
         self.n_rep = cfg.n_heads // cfg.n_kv_heads
         self.head_dim = cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wqkv = nn.Linear(
+            cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False
+        )
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(
@@ -379,7 +387,8 @@ class Transformer(nn.Module):
         T = h.shape[1]
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(
-                f"positions {start_pos}..{start_pos + T} exceed max_seq_len={self.config.max_seq_len}"
+                f"positions {start_pos}..{start_pos + T} exceed "
+                f"max_seq_len={self.config.max_seq_len}"
             )
         if self.rope_cos.dtype != torch.float32:  # the model was cast (e.g. to bf16) from outside
             self.init_rope()
@@ -409,7 +418,11 @@ class Transformer(nn.Module):
         """Parameters counted once each. exclude_embeddings drops the input lookup table unless it
         is tied to the output head (then it does matmul work and stays, as in nanoGPT)."""
         total = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings and self.tok_embeddings is not None and not self.config.tie_embeddings:
+        if (
+            exclude_embeddings
+            and self.tok_embeddings is not None
+            and not self.config.tie_embeddings
+        ):
             total -= self.tok_embeddings.weight.numel()
         return total
 

@@ -140,7 +140,9 @@ def test_custom_backwards_match_finite_differences():
     plain = (F.silu(parts[..., 0, :]) * parts[..., 1, :]).flatten(-2)
     (expected,) = torch.autograd.grad(plain, gate_up, grad_out)
     assert torch.allclose(ours, expected, atol=1e-12)
-    freqs = torch.polar(torch.ones(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))
+    freqs = torch.polar(
+        torch.ones(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    )
     qkv = torch.randn(2, 4, 2 * 4 * 4, **d)  # 2 groups of (2 q, k, v) heads of size 4
     assert torch.autograd.gradcheck(lambda a: _SplitQKVRope.apply(a, freqs, 2, 4), (qkv,))
 
