@@ -71,3 +71,16 @@ def test_pipeline_end_to_end_then_skips_what_is_up_to_date(cli, tmp_path):
     ids = tokenizer.encode("once upon a time")
     logits = model(torch.tensor([ids, ids]))
     assert logits.shape == (2, len(ids), model.config.vocab_size)
+
+    # Export: transformers loads the folder as a Llama model with the same logits and token ids.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    exported = cli("export", str(run), "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stderr
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tokenizer("once upon a time", add_special_tokens=False)["input_ids"] == ids
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))
+        theirs = hf_model(torch.tensor([ids])).logits
+    assert torch.allclose(ours, theirs, atol=1e-4)

@@ -160,3 +160,22 @@ def export_hf(
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def export_run(path: Path, out: Path) -> Path:
+    """`scratchlm export`: the newest model of a run folder (or a checkpoint) with its tokenizer,
+    the chat markers and the chat template of scratchlm.tokenizer."""
+    from scratchlm import tokenizer as tok
+    from scratchlm.loading import load
+
+    model, tokenizer = load(path)
+    special = {
+        "bos": tok.BOS,
+        "eos": tok.EOS,
+        "pad": tok.PAD,
+        "system": tok.SYSTEM,
+        "user": tok.USER,
+        "assistant": tok.ASSISTANT,
+        "end": tok.END,
+    }
+    return export_hf(model, tokenizer.path, out, special, chat_template=tok.CHAT_TEMPLATE_JINJA)
