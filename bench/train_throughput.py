@@ -24,7 +24,9 @@ from scratchlm.model import ModelConfig, Transformer, cross_entropy_loss
 
 PRESETS = {
     # The shape of the PLATFORM measurement: 4M parameters (tied), 4096 tokens per step.
-    "default": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096, seq=256, batch=16),
+    "default": dict(
+        dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096, seq=256, batch=16
+    ),
     # The demo recipe's model.
     "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=2048, seq=256, batch=32),
 }
@@ -105,9 +107,14 @@ def main() -> None:
     steps = {
         "scratchlm": make_step(ours, lambda: cross_entropy_loss(ours(x), y), device, amp),
         # transformers shifts labels itself; shift_labels hands it the same targets as ours.
-        "transformers": make_step(hf, lambda: hf(input_ids=x, labels=y, shift_labels=y).loss, device, amp),
+        "transformers": make_step(
+            hf, lambda: hf(input_ids=x, labels=y, shift_labels=y).loss, device, amp
+        ),
     }
-    params = {"scratchlm": ours.num_params(), "transformers": sum(p.numel() for p in hf.parameters())}
+    params = {
+        "scratchlm": ours.num_params(),
+        "transformers": sum(p.numel() for p in hf.parameters()),
+    }
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(args.warmup + args.steps):
         for name, step in steps.items() if i % 2 == 0 else reversed(steps.items()):
@@ -128,18 +135,24 @@ def main() -> None:
         }
     ratio = rows["scratchlm"]["tokens_per_s"] / rows["transformers"]["tokens_per_s"]
     precision = "bf16 autocast" if amp else "fp32"
-    print(f"preset {args.preset}: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
-          f"{cfg.n_kv_heads} kv heads, vocab {cfg.vocab_size}, batch {batch} x {seq}, {precision}, "
-          f"{device.type} ({torch.get_num_threads()} threads), {args.steps} timed steps each")
+    print(
+        f"preset {args.preset}: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
+        f"{cfg.n_kv_heads} kv heads, vocab {cfg.vocab_size}, batch {batch} x {seq}, {precision}, "
+        f"{device.type} ({torch.get_num_threads()} threads), {args.steps} timed steps each"
+    )
     print(f"{'model':<14}{'params':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}")
     for name, r in rows.items():
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"{name:<14}{r['params']:>10,}{r['tokens_per_s']:>12,.0f}{r['tflops']:>10.3f}{mfu:>8}")
+        print(
+            f"{name:<14}{r['params']:>10,}{r['tokens_per_s']:>12,.0f}{r['tflops']:>10.3f}{mfu:>8}"
+        )
     print(f"scratchlm / transformers: {ratio:.2f}x")
     if args.json:
         result = {
             "preset": args.preset,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or "cpu",
             "threads": torch.get_num_threads(),
             "precision": precision,
             "batch": batch,

@@ -69,58 +69,76 @@ class ModelConfig:
         return cls(**data)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
-    """out = x rotated by the angles (cos, sin), "rotate_half" pairing (i, i + head_dim/2)."""
-    half = x.shape[-1] // 2
-    x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
-    torch.mul(x1, cos, out=o1)
-    o1.addcmul_(x2, sin, value=-1.0)
-    torch.mul(x2, cos, out=o2)
-    o2.addcmul_(x1, sin)
+def _rotate(x: torch.Tensor, freqs: torch.Tensor, out: torch.Tensor) -> None:
+    """out = x with each pair (2i, 2i+1) of the last dim rotated by the unit complex freqs[t, i].
+
+    One complex multiply is about 5x faster on CPU than the four strided real ops of the
+    "rotate_half" pairing (i, i + d/2); attention scores do not depend on how the head dim is
+    ordered, and the Hugging Face exporter permutes the q/k rows to rotate_half order.
+    """
+    pairs = x.unflatten(-1, (-1, 2))
+    if x.dtype in (torch.float32, torch.float64):
+        torch.mul(
+            torch.view_as_complex(pairs),
+            freqs,
+            out=torch.view_as_complex(out.unflatten(-1, (-1, 2))),
+        )
+    else:  # no complex bf16: rotate in fp32 and round once
+        out.copy_(torch.view_as_real(torch.view_as_complex(pairs.float()) * freqs).flatten(-2))
 
 
 class _SplitQKVRope(torch.autograd.Function):
     """Grouped fused qkv [B, T, G*(R+2)*hd] -> q [B,T,G*R,hd], k [B,T,G,hd] (rotated), v [B,T,G,hd].
 
-    Saves nothing but the angle tables; the backward rotates the other way and writes all three
+    Saves nothing but the rotation table; the backward rotates the other way and writes all three
     gradients into one buffer laid out like the fused projection's output.
     """
 
     @staticmethod
-    def forward(ctx, qkv, cos, sin, n_rep: int, head_dim: int):  # type: ignore[override]
+    def forward(ctx, qkv, freqs, n_rep: int, head_dim: int):  # type: ignore[override]
         B, T, width = qkv.shape
         groups = width // ((n_rep + 2) * head_dim)
         x = qkv.view(B, T, groups, n_rep + 2, head_dim)
-        angles = (cos.view(T, 1, 1, -1), sin.view(T, 1, 1, -1))
+        freqs = freqs.to(torch.complex128 if qkv.dtype == torch.float64 else torch.complex64)
+        table = freqs.view(T, 1, 1, head_dim // 2)
         q = qkv.new_empty(B, T, groups, n_rep, head_dim)
         k = qkv.new_empty(B, T, groups, 1, head_dim)
-        _rotate(x[:, :, :, :n_rep], *angles, q)
-        _rotate(x[:, :, :, n_rep : n_rep + 1], *angles, k)
+        _rotate(x[:, :, :, :n_rep], table, q)
+        _rotate(x[:, :, :, n_rep : n_rep + 1], table, k)
         v = x[:, :, :, n_rep + 1].clone()
-        ctx.save_for_backward(cos, sin)
+        ctx.save_for_backward(freqs)
         ctx.shape = (B, T, groups, n_rep, head_dim)
         return q.view(B, T, groups * n_rep, head_dim), k.view(B, T, groups, head_dim), v
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):  # type: ignore[override]
-        cos, sin = ctx.saved_tensors
+        (freqs,) = ctx.saved_tensors
         B, T, groups, n_rep, head_dim = ctx.shape
         grad = grad_q.new_empty(B, T, groups, n_rep + 2, head_dim)
-        inverse = (cos.view(T, 1, 1, -1), -sin.view(T, 1, 1, -1))
-        _rotate(grad_q.unflatten(2, (groups, n_rep)), *inverse, grad[:, :, :, :n_rep])
-        _rotate(grad_k.unsqueeze(3), *inverse, grad[:, :, :, n_rep : n_rep + 1])
+        inverse = freqs.conj().resolve_conj().view(T, 1, 1, head_dim // 2)
+        _rotate(grad_q.unflatten(2, (groups, n_rep)), inverse, grad[:, :, :, :n_rep])
+        _rotate(grad_k.unsqueeze(3), inverse, grad[:, :, :, n_rep : n_rep + 1])
         grad[:, :, :, n_rep + 1].copy_(grad_v)
-        return grad.view(B, T, -1), None, None, None, None
+        return grad.view(B, T, -1), None, None, None
+
+
+def _chunk_rows(n_cols: int, device: torch.device) -> int:
+    """Rows per chunk for row-wise loops: 2 MiB of fp32 on CPU (each thread's half stays in L2;
+    smaller chunks mean more thread barriers per step), everything at once on GPU."""
+    return max(1, (1 << 19 if device.type == "cpu" else 1 << 30) // n_cols)
 
 
 class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up from the grouped fused gate/up output; saves only that output."""
+    """silu(gate) * up from the grouped fused gate/up output; saves only that output.
+
+    The backward writes the gradient over the saved gate/up output (nothing else holds it) chunk
+    by chunk, so the five elementwise steps run in cache and no new buffer is allocated.
+    """
 
     @staticmethod
     def forward(ctx, gate_up, groups: int):  # type: ignore[override]
         x = gate_up.unflatten(-1, (groups, 2, -1))
-        gate, up = x.select(-2, 0), x.select(-2, 1)
-        hidden = F.silu(gate).mul_(up)
+        hidden = F.silu(x.select(-2, 0)).mul_(x.select(-2, 1))
         ctx.save_for_backward(gate_up)
         ctx.groups = groups
         return hidden.flatten(-2)
@@ -128,19 +146,19 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_hidden):  # type: ignore[override]
         (gate_up,) = ctx.saved_tensors
-        x = gate_up.unflatten(-1, (ctx.groups, 2, -1))
-        gate, up = x.select(-2, 0), x.select(-2, 1)
-        grad = torch.empty_like(gate_up)
-        g = grad.unflatten(-1, (ctx.groups, 2, -1))
-        grad_gate, grad_up = g.select(-2, 0), g.select(-2, 1)
-        grad_h = grad_hidden.unflatten(-1, (ctx.groups, -1))
-        sig = torch.sigmoid(gate)
-        torch.mul(gate, sig, out=grad_up)  # silu(gate)
-        # d silu / d gate = sig + silu * (1 - sig)
-        torch.addcmul(grad_up, grad_up, sig, value=-1.0, out=grad_gate)
-        grad_gate.add_(sig).mul_(up).mul_(grad_h)
-        grad_up.mul_(grad_h)
-        return grad, None
+        x = gate_up.view(-1, ctx.groups, 2, gate_up.shape[-1] // (2 * ctx.groups))
+        grad_h = grad_hidden.reshape(-1, ctx.groups, x.shape[-1])
+        rows = _chunk_rows(grad_h.shape[1] * grad_h.shape[2], gate_up.device)
+        for start in range(0, x.shape[0], rows):
+            chunk, g = x[start : start + rows], grad_h[start : start + rows]
+            gate, up = chunk[:, :, 0], chunk[:, :, 1]
+            sig = torch.sigmoid(gate)
+            silu = gate * sig
+            # d silu / d gate = sig + silu * (1 - sig)
+            grad_gate = sig.addcmul_(silu, sig, value=-1.0).add_(silu).mul_(up).mul_(g)
+            torch.mul(silu, g, out=up)
+            gate.copy_(grad_gate)
+        return gate_up, None
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -149,23 +167,28 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 class _RMSNorm(torch.autograd.Function):
+    """x / rms(x) * weight; the backward's row and column sums are matrix-vector products."""
+
     @staticmethod
     def forward(ctx, x, weight, eps: float):  # type: ignore[override]
         xf = _upcast(x)
-        rstd = torch.rsqrt(torch.linalg.vecdot(xf, xf).unsqueeze(-1).div_(x.shape[-1]).add_(eps))
+        norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
+        rstd = norm.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, rstd)
-        return (xf * rstd).to(x.dtype) * weight
+        return (xf * rstd).to(x.dtype).mul_(weight)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, weight, rstd = ctx.saved_tensors
-        x_hat = _upcast(x) * rstd
-        g = _upcast(grad_out)
-        gw = g * weight
-        mean_dot = torch.linalg.vecdot(gw, x_hat).unsqueeze(-1).div_(x.shape[-1])
-        grad_x = torch.addcmul(gw, x_hat, mean_dot, value=-1.0).mul_(rstd)
-        grad_w = (g * x_hat).flatten(0, -2).sum(0)
-        return grad_x.to(x.dtype), grad_w.to(weight.dtype), None
+        dim = x.shape[-1]
+        xf, g = _upcast(x).reshape(-1, dim), _upcast(grad_out).reshape(-1, dim)
+        w, r = weight.to(g.dtype), rstd.reshape(-1, 1)
+        prod = g * xf
+        grad_w = r.view(-1) @ prod
+        # d/dx of x * r(x) * w: r * g * w - x * r^3 * <g * w, x> / dim
+        coef = (prod @ w).unsqueeze(1).mul_(r.pow(3)).div_(dim)
+        grad_x = torch.mul(g, w, out=prod).mul_(r).addcmul_(xf, coef, value=-1.0)
+        return grad_x.view(x.shape).to(x.dtype), grad_w.to(weight.dtype), None
 
 
 class RMSNorm(nn.Module):
@@ -181,51 +204,56 @@ class RMSNorm(nn.Module):
 class _CrossEntropy(torch.autograd.Function):
     """Mean cross-entropy whose gradient (softmax - one_hot) is made in the same pass as the loss.
 
-    Rows are processed in chunks that stay in cache, so the [N, V] logits are read once and the
-    gradient written once, instead of the passes of log_softmax, nll_loss and their backwards.
+    Rows go through in chunks that stay in cache: log_softmax into the gradient buffer, the loss
+    read from it at the targets, then exp and scale in place. The [N, V] logits are read once and
+    the gradient written once; the backward scales it in place (a second backward through the same
+    loss is refused by autograd's saved-tensor version check).
     """
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index: int):  # type: ignore[override]
         n, vocab = logits.shape
+        compute_dtype = torch.promote_types(logits.dtype, torch.float32)
         valid = targets != ignore_index
-        scale = 1.0 / valid.sum().clamp(min=1).to(torch.float32)
+        scale = 1.0 / valid.sum().clamp(min=1).to(compute_dtype)
         row_scale = (valid * scale).unsqueeze(1)  # 0 for ignored rows: their gradient is 0
-        safe_targets = targets.masked_fill(~valid, 0)
+        safe_targets = targets.masked_fill(~valid, 0).unsqueeze(1)
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
-        lse = _upcast(logits.new_empty(n))
-        rows = max(1, (1 << 18 if logits.device.type == "cpu" else 1 << 26) // vocab)
+        in_place = grad is not None and grad.dtype == compute_dtype
+        target_logp = logits.new_empty(n, 1, dtype=compute_dtype)
+        rows = _chunk_rows(vocab, logits.device)
         for start in range(0, n, rows):
-            chunk = _upcast(logits[start : start + rows])
-            peak = chunk.amax(-1, keepdim=True)
-            exp = (chunk - peak).exp_()
-            total = exp.sum(-1, keepdim=True)
-            lse[start : start + rows] = (peak + total.log()).squeeze(1)
+            end = min(start + rows, n)
+            chunk = logits[start:end].to(compute_dtype)
+            logp = torch.log_softmax(chunk, -1, out=grad[start:end] if in_place else None)
+            target_logp[start:end] = logp.gather(1, safe_targets[start:end])
             if grad is not None:
-                grad[start : start + rows] = exp.mul_(row_scale[start : start + rows] / total)
-        target_logits = _upcast(logits.gather(1, safe_targets.unsqueeze(1)).squeeze(1))
-        loss = ((lse - target_logits) * valid).sum() * scale
+                probs = logp.exp_().mul_(row_scale[start:end])
+                if not in_place:
+                    grad[start:end] = probs
+        loss = -(target_logp.squeeze(1) * valid).sum() * scale
         if grad is not None:
-            rows_index = torch.arange(n, device=logits.device)
-            grad[rows_index, safe_targets] -= row_scale.squeeze(1).to(grad.dtype)
+            grad.scatter_add_(1, safe_targets, -row_scale.to(grad.dtype))
             ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None
+        return grad.mul_(grad_loss.to(grad.dtype)), None, None
 
 
 def cross_entropy_loss(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
 ) -> torch.Tensor:
     """Mean cross-entropy over targets that are not ignore_index; logits [..., V], targets [...]."""
-    return _CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index)
+    return _CrossEntropy.apply(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index
+    )
 
 
 class KVCache:
-    """Keys and values of past positions for decoding, preallocated per layer: [B, kv_heads, S, hd]."""
+    """Past keys and values for decoding, preallocated per layer as [B, kv_heads, S, head_dim]."""
 
     def __init__(
         self,
@@ -257,22 +285,22 @@ class Attention(nn.Module):
         super().__init__()
         self.n_rep = cfg.n_heads // cfg.n_kv_heads
         self.head_dim = cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wqkv = nn.Linear(
+            cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False
+        )
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        freqs: torch.Tensor,
         cache: KVCache | None,
         layer: str,
         start_pos: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.wqkv(x)
-        cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
-        q, k, v = _SplitQKVRope.apply(qkv, cos, sin, self.n_rep, self.head_dim)
+        q, k, v = _SplitQKVRope.apply(qkv, freqs, self.n_rep, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         mask = None
         if cache is not None:
@@ -308,8 +336,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, layer: str, start_pos: int):
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start_pos)
+    def forward(self, x, freqs, cache: KVCache | None, layer: str, start_pos: int):
+        h = x + self.attention(self.attention_norm(x), freqs, cache, layer, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -332,7 +360,7 @@ class Transformer(nn.Module):
         self.init_weights()
 
     def init_rope(self, device: torch.device | None = None) -> None:
-        """(Re)compute the rotary angle tables [max_seq_len, head_dim / 2] in fp32."""
+        """(Re)compute the rotary tables cos, sin [max_seq_len, head_dim / 2] in fp32."""
         cfg = self.config
         device = device or self.rope_cos.device
         exponents = torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32)
@@ -359,12 +387,15 @@ class Transformer(nn.Module):
         T = h.shape[1]
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(
-                f"positions {start_pos}..{start_pos + T} exceed max_seq_len={self.config.max_seq_len}"
+                f"positions {start_pos}..{start_pos + T} exceed "
+                f"max_seq_len={self.config.max_seq_len}"
             )
-        cos = self.rope_cos[start_pos : start_pos + T]
-        sin = self.rope_sin[start_pos : start_pos + T]
+        if self.rope_cos.dtype != torch.float32:  # the model was cast (e.g. to bf16) from outside
+            self.init_rope()
+        positions = slice(start_pos, start_pos + T)
+        freqs = torch.complex(self.rope_cos[positions], self.rope_sin[positions])
         for name, layer in self.layers.items():
-            h = layer(h, cos, sin, cache, name, start_pos)
+            h = layer(h, freqs, cache, name, start_pos)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h
@@ -387,7 +418,11 @@ class Transformer(nn.Module):
         """Parameters counted once each. exclude_embeddings drops the input lookup table unless it
         is tied to the output head (then it does matmul work and stays, as in nanoGPT)."""
         total = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings and self.tok_embeddings is not None and not self.config.tie_embeddings:
+        if (
+            exclude_embeddings
+            and self.tok_embeddings is not None
+            and not self.config.tie_embeddings
+        ):
             total -= self.tok_embeddings.weight.numel()
         return total
 

@@ -1,68 +1,88 @@
-import math
-
 import pytest
 import torch
 
+from scratchlm.errors import UserError
 from scratchlm.infer.generate import generate, sample_next, top_k_filter, top_p_filter
 from scratchlm.model import ModelConfig, Transformer
 
+NEG = float("-inf")
+
 
 @pytest.fixture(scope="module")
-def model():
+def model() -> Transformer:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    cfg = ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=40)
     return Transformer(cfg).eval()
 
 
 def test_top_k_keeps_the_k_largest():
-    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
-    out = top_k_filter(logits, 2)
-    assert torch.equal(torch.isinf(out), torch.tensor([[True, False, False, True]]))
-    assert torch.equal(top_k_filter(logits, 0), logits)
+    logits = torch.tensor([1.0, 5.0, 3.0, 4.0, 2.0])
+    assert top_k_filter(logits, 2).tolist() == [NEG, 5.0, NEG, 4.0, NEG]
+    assert top_k_filter(logits, 0).tolist() == logits.tolist()
+    assert top_k_filter(logits, 9).tolist() == logits.tolist()
 
 
 def test_top_p_keeps_the_smallest_nucleus():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    probs = torch.tensor([0.05, 0.5, 0.3, 0.15])
     logits = probs.log()
-    kept = ~torch.isinf(top_p_filter(logits, 0.8))
-    assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.8
-    kept = ~torch.isinf(top_p_filter(logits, 0.81))
-    assert kept.tolist() == [[True, True, True, False]]
-    kept = ~torch.isinf(top_p_filter(logits[:, [3, 2, 1, 0]], 0.4))
-    assert kept.tolist() == [[False, False, False, True]]  # the top token always stays
+    # 0.5 alone < 0.7; 0.5 + 0.3 reaches it: two tokens kept.
+    assert torch.isinf(top_p_filter(logits, 0.7)).tolist() == [True, False, False, True]
+    # 0.5 + 0.3 + 0.15 = 0.95 reaches 0.9 only with the third token.
+    assert torch.isinf(top_p_filter(logits, 0.9)).tolist() == [True, False, False, False]
+    # The top token is kept even when alone it exceeds p.
+    assert torch.isinf(top_p_filter(logits, 0.1)).tolist() == [True, False, True, True]
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
 
 
-def test_sampling_respects_filters_and_seed():
-    logits = torch.tensor([[0.0, 0.0, 10.0, 9.0]])
-    assert sample_next(logits, 0.0, 0, 1.0, None).item() == 2
-    g = torch.Generator().manual_seed(0)
-    draws = {sample_next(logits, 1.0, 2, 1.0, g).item() for _ in range(200)}
-    assert draws == {2, 3}
-    p3 = math.exp(9) / (math.exp(10) + math.exp(9))
-    assert 0.1 < p3 < 0.5
+def test_sampling_respects_filters():
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 1.0])
+    gen = torch.Generator().manual_seed(0)
+    seen = {sample_next(logits, 1.0, top_k=2, generator=gen) for _ in range(200)}
+    assert seen == {1, 2}
+    assert sample_next(logits, 0.0) == 1
 
 
-def test_greedy_generation_equals_argmax_of_full_forward(model):
-    prompt = [1, 2, 3, 4]
-    out = list(generate(model, prompt, max_new_tokens=10, temperature=0))
-    seq = list(prompt)
-    for _ in range(10):
-        logits = model(torch.tensor([seq]))
-        seq.append(int(logits[0, -1].argmax()))
-    assert out == seq[len(prompt) :]
+def test_greedy_equals_argmax_of_full_forward(model):
+    prompt = [3, 14, 15, 9, 2]
+    out = list(generate(model, prompt, max_new_tokens=12, temperature=0))
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert out == ids[len(prompt) :]
 
 
-def test_seed_makes_sampling_repeatable(model):
-    a = list(generate(model, [5, 6], 15, temperature=1.0, top_k=20, seed=3))
-    b = list(generate(model, [5, 6], 15, temperature=1.0, top_k=20, seed=3))
-    c = list(generate(model, [5, 6], 15, temperature=1.0, top_k=20, seed=4))
+def test_cache_and_no_cache_give_the_same_greedy_output(model):
+    prompt = [7, 1, 30]
+    with_cache = list(generate(model, prompt, 20, temperature=0))
+    without = list(generate(model, prompt, 20, temperature=0, use_cache=False))
+    assert with_cache == without and len(with_cache) == 20
+
+
+def test_stop_tokens_end_generation_unyielded(model):
+    prompt = [5, 6]
+    free = list(generate(model, prompt, 15, temperature=0))
+    stop = free[4]
+    first = free.index(stop)
+    assert list(generate(model, prompt, 15, temperature=0, stop_ids=[stop])) == free[:first]
+
+
+def test_seed_makes_sampling_deterministic(model):
+    a = list(generate(model, [1, 2, 3], 15, temperature=1.0, top_k=20, top_p=0.9, seed=42))
+    b = list(generate(model, [1, 2, 3], 15, temperature=1.0, top_k=20, top_p=0.9, seed=42))
+    c = list(generate(model, [1, 2, 3], 15, temperature=1.0, top_k=20, top_p=0.9, seed=43))
     assert a == b and a != c
 
 
-def test_stop_token_ends_generation_and_context_bounds_it(model):
-    greedy = list(generate(model, [1, 2], 10, temperature=0))
-    stop = greedy[3]
-    first = greedy.index(stop)
-    assert list(generate(model, [1, 2], 10, temperature=0, stop_ids=[stop])) == greedy[:first]
-    assert len(list(generate(model, list(range(1, 41)) * 2, 100, temperature=0))) == 0
-    assert len(list(generate(model, [1] * 60, 100, temperature=0))) == 4
+def test_context_limits(model):
+    assert len(list(generate(model, [1] * 35, 100, temperature=0))) == 5
+    with pytest.raises(UserError, match="context"):
+        list(generate(model, [1] * 40, 5))
+    with pytest.raises(UserError, match="prompt"):
+        list(generate(model, [], 5))
+
+
+def test_generation_does_not_leave_inference_mode_on(model):
+    stream = generate(model, [1, 2], 3, temperature=0)
+    next(stream)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()

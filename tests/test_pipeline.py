@@ -61,3 +61,26 @@ def test_pipeline_end_to_end_then_skips_what_is_up_to_date(cli, tmp_path):
     )
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout.startswith("once upon a time")
+
+    # The Python API: a run folder gives the model and tokenizer; logits are [batch, time, vocab].
+    import torch
+
+    from scratchlm import load
+
+    model, tokenizer = load(run)
+    ids = tokenizer.encode("once upon a time")
+    logits = model(torch.tensor([ids, ids]))
+    assert logits.shape == (2, len(ids), model.config.vocab_size)
+
+    # Export: transformers loads the folder as a Llama model with the same logits and token ids.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    exported = cli("export", str(run), "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stderr
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tokenizer("once upon a time", add_special_tokens=False)["input_ids"] == ids
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))
+        theirs = hf_model(torch.tensor([ids])).logits
+    assert torch.allclose(ours, theirs, atol=1e-4)

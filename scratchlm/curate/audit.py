@@ -100,7 +100,9 @@ class RejectWriters:
         self.part_name = part_name
         self.open: dict[str, tuple[Path, object, object]] = {}
 
-    def write(self, step: str, doc: dict, reason: str, score: float) -> None:
+    def write(
+        self, step: str, doc: dict, reason: str, score: float, duplicate_of: str | None = None
+    ) -> None:
         if step not in self.open:
             path = self.root / step / self.part_name
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,6 +121,8 @@ class RejectWriters:
             "reason": reason,
             "score": round(float(score), 6),
         }
+        if duplicate_of is not None:
+            record["duplicate_of"] = duplicate_of
         self.open[step][2].write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
 
     def close(self) -> None:

@@ -128,8 +128,9 @@ class CurateConfig:
     minhash_bands: int = 14
     minhash_rows: int = 8
     minhash_seed: int = 1
-    near_dedup_threshold: float = 0.0
-    """When above 0, an LSH candidate pair must also have an estimated Jaccard of at least this."""
+    near_dedup_threshold: float = 0.8
+    """An LSH candidate pair is a duplicate only when the exact Jaccard of the two documents'
+    shingle sets is at least this; 0 trusts LSH alone."""
 
     # PII
     email_placeholder: str = "<EMAIL>"

@@ -26,7 +26,13 @@ import numpy as np
 
 from scratchlm.curate.audit import RejectWriters, ShardStats, merge_stats, utf8_len
 from scratchlm.curate.config import ALL_STEPS, CurateConfig
-from scratchlm.curate.minhash import MinHasher, near_duplicates, shingle_hashes
+from scratchlm.curate.minhash import (
+    MinHasher,
+    candidate_pairs,
+    resolve_duplicates,
+    shingle_hashes,
+    shingle_keys,
+)
 from scratchlm.curate.readers import Shard, find_shards, read_shard
 from scratchlm.curate.steps import (
     BAD_INPUT_REASONS,
@@ -117,7 +123,10 @@ def _phase1(job: tuple) -> dict:
     stats = ShardStats()
     rejects = RejectWriters(out / "rejected", f"{name}.jsonl.zst")
     hasher = MinHasher(cfg.minhash_bands * cfg.minhash_rows, cfg.minhash_seed, cfg.minhash_ngram)
-    side = {ext: open(work / f"{name}.{ext}.tmp", "wb") for ext in ("exact", "sig", "active")}
+    side = {
+        ext: open(work / f"{name}.{ext}.tmp", "wb")
+        for ext in ("exact", "sig", "keys", "nkeys", "ids")
+    }
 
     def kept() -> Iterator[dict]:
         reader = read_shard(shard, cfg)
@@ -136,6 +145,8 @@ def _phase1(job: tuple) -> dict:
             read.passed(size, size)
             if not _run_steps(doc, pre, ctx, stats, rejects):
                 continue
+            if dedup:  # a duplicate's audit record names the kept document by its id
+                side["ids"].write(json.dumps(doc.get("id", "")).encode() + b"\n")
             if "exact_dedup" in dedup:
                 t0 = time.perf_counter()
                 side["exact"].write(exact_key(doc["text"]))
@@ -144,7 +155,10 @@ def _phase1(job: tuple) -> dict:
                 t0 = time.perf_counter()
                 shingles = shingle_hashes(doc["text"], cfg.minhash_ngram)
                 side["sig"].write(hasher.signature_of_hashes(shingles).tobytes())
-                side["active"].write(b"\x01" if shingles.size else b"\x00")
+                keys = shingle_keys(shingles)
+                if cfg.near_dedup_threshold > 0:  # only verification reads the keys
+                    side["keys"].write(keys.tobytes())
+                side["nkeys"].write(np.int64(keys.size).tobytes())
                 stats.step("near_dedup").seconds += time.perf_counter() - t0
             yield doc
 
@@ -164,31 +178,37 @@ def _phase1(job: tuple) -> dict:
 
 def _global_dedup(out: Path, n_shards: int, cfg: CurateConfig, dedup: list[str]) -> dict:
     """Decide which documents of the run are duplicates; writes .work/dedup/part-N.npz per shard
-    (positions within the shard, reason code 0 exact / 1 near, score)."""
+    (positions within the shard, reason code 0 exact / 1 near, score, id of the kept document)."""
     t0 = time.perf_counter()
     p1 = out / ".work" / "p1"
+    folder = out / ".work" / "dedup"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     counts = [
         json.loads((p1 / f"part-{i:05d}.stats.json").read_text())["counters"]["docs_after_pre"]
         for i in range(n_shards)
     ]
     n = sum(counts)
+    first_of_shard = np.cumsum([0, *counts])
     shard_of = np.repeat(np.arange(n_shards), counts)
-    position = np.arange(n) - np.repeat(np.cumsum([0, *counts[:-1]]), counts)
+    position = np.arange(n) - first_of_shard[shard_of]
     removed = np.zeros(n, bool)
     reason = np.zeros(n, np.int8)
     score = np.zeros(n, np.float32)
+    kept_as = np.arange(n)  # the document each duplicate is removed in favour of
     timings = {}
     if "exact_dedup" in dedup:
         keys = np.concatenate(
             [np.fromfile(p1 / f"part-{i:05d}.exact", np.uint8) for i in range(n_shards)]
         ).reshape(n, EXACT_KEY_BYTES)
-        _, first = np.unique(
-            keys.view(np.dtype((np.void, EXACT_KEY_BYTES))).reshape(-1), return_index=True
+        _, first, group = np.unique(
+            keys.view(np.dtype((np.void, EXACT_KEY_BYTES))).reshape(-1),
+            return_index=True,
+            return_inverse=True,
         )
-        keep = np.zeros(n, bool)
-        keep[first] = True
-        removed |= ~keep
-        score[~keep] = 1.0
+        kept_as = first[group.reshape(-1)]
+        removed |= kept_as != np.arange(n)
+        score[removed] = 1.0
         timings["exact_dedup"] = time.perf_counter() - t0
     if "near_dedup" in dedup:
         t1 = time.perf_counter()
@@ -196,19 +216,20 @@ def _global_dedup(out: Path, n_shards: int, cfg: CurateConfig, dedup: list[str])
         sigs = np.concatenate(
             [np.fromfile(p1 / f"part-{i:05d}.sig", np.uint32) for i in range(n_shards)]
         ).reshape(n, n_perm)
-        active = np.concatenate(
-            [np.fromfile(p1 / f"part-{i:05d}.active", np.uint8) for i in range(n_shards)]
-        ).astype(bool)
-        rep, jaccard = near_duplicates(
-            sigs, cfg.minhash_bands, cfg.minhash_rows, cfg.near_dedup_threshold, active & ~removed
+        shingles = _ShingleKeys(p1, first_of_shard)
+        active = shingles.sizes > 0
+        threshold = cfg.near_dedup_threshold
+        edges = candidate_pairs(
+            sigs, cfg.minhash_bands, cfg.minhash_rows, threshold, active & ~removed
         )
+        rep, jaccard = resolve_duplicates(sigs, edges, threshold, shingles)
         near = rep != np.arange(n)
         removed |= near
         reason[near] = 1
         score[near] = jaccard[near]
+        kept_as[near] = rep[near]
         timings["near_dedup"] = time.perf_counter() - t1
-    folder = out / ".work" / "dedup"
-    folder.mkdir(parents=True, exist_ok=True)
+    ids = _ids_of(out, np.unique(kept_as[removed]), shard_of, position)
     for i in range(n_shards):
         sel = removed & (shard_of == i)
         np.savez(
@@ -216,8 +237,55 @@ def _global_dedup(out: Path, n_shards: int, cfg: CurateConfig, dedup: list[str])
             position=position[sel],
             reason=reason[sel],
             score=score[sel],
+            duplicate_of=np.array([ids[int(k)] for k in kept_as[sel]], dtype=str),
         )
     return timings
+
+
+class _ShingleKeys:
+    """shingles_of(global index): a document's sorted shingle keys, read from the memory-mapped
+    .keys files of pass 1, so the global pass never holds many documents' shingles at once."""
+
+    def __init__(self, p1: Path, first_of_shard: np.ndarray) -> None:
+        self.p1 = p1
+        self.first_of_shard = first_of_shard
+        self.sizes = np.concatenate(
+            [
+                np.fromfile(p1 / f"part-{i:05d}.nkeys", np.int64)
+                for i in range(len(first_of_shard) - 1)
+            ]
+        )
+        self.offsets = np.r_[0, np.cumsum(self.sizes)]
+        self.shards: dict[int, np.ndarray] = {}
+
+    def __call__(self, doc: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.first_of_shard, doc, side="right")) - 1
+        if shard not in self.shards:
+            path = self.p1 / f"part-{shard:05d}.keys"
+            self.shards[shard] = (
+                np.memmap(path, np.uint32, mode="r")
+                if path.stat().st_size
+                else np.zeros(0, np.uint32)
+            )
+        start = self.offsets[doc] - self.offsets[self.first_of_shard[shard]]
+        return np.asarray(self.shards[shard][start : start + self.sizes[doc]])
+
+
+def _ids_of(
+    out: Path,
+    docs: np.ndarray,
+    shard_of: np.ndarray,
+    position: np.ndarray,
+) -> dict[int, str]:
+    """The ids of some documents (the kept ones of duplicate groups), from the shards' id files."""
+    ids = {}
+    for shard in np.unique(shard_of[docs]):
+        wanted = docs[shard_of[docs] == shard]
+        path = out / ".work" / "p1" / f"part-{shard:05d}.ids"
+        with open(path, encoding="utf-8") as f:
+            shard_ids = [json.loads(line) for line in f]
+        ids.update({int(d): shard_ids[position[d]] for d in wanted})
+    return ids
 
 
 def _phase3(job: tuple) -> dict:
@@ -226,12 +294,18 @@ def _phase3(job: tuple) -> dict:
     ctx = StepContext(cfg)
     stats = ShardStats()
     rejects = RejectWriters(out / "rejected", f"{name}.jsonl.zst")
-    duplicates: dict[int, tuple[int, float]] = {}
+    duplicates: dict[int, tuple[int, float, str]] = {}
     if dedup:
         with np.load(out / ".work" / "dedup" / f"{name}.npz", allow_pickle=False) as plan:
             duplicates = {
-                int(p): (int(r), float(s))
-                for p, r, s in zip(plan["position"], plan["reason"], plan["score"], strict=True)
+                int(p): (int(r), float(s), str(k))
+                for p, r, s, k in zip(
+                    plan["position"],
+                    plan["reason"],
+                    plan["score"],
+                    plan["duplicate_of"],
+                    strict=True,
+                )
             }
 
     def kept() -> Iterator[dict]:
@@ -240,7 +314,7 @@ def _phase3(job: tuple) -> dict:
             for code, step in enumerate(DEDUP_STEPS):
                 if step not in dedup:
                     continue
-                if duplicates.get(position, (-1, 0.0))[0] == code:
+                if duplicates.get(position, (-1,))[0] == code:
                     stats.step(step).removed(
                         size, "exact duplicate" if code == 0 else "near duplicate"
                     )
@@ -249,6 +323,7 @@ def _phase3(job: tuple) -> dict:
                         doc,
                         "exact duplicate" if code == 0 else "near duplicate",
                         duplicates[position][1],
+                        duplicate_of=duplicates[position][2],
                     )
                     break
                 stats.step(step).passed(size, size)

@@ -1,1 +1,1 @@
-"""Inference: KV-cache generation and sampling."""
+"""Generation from trained models: sampling with a KV cache."""

@@ -1,0 +1,1 @@
+"""Writers of trained models in other ecosystems' formats."""
