@@ -14,10 +14,12 @@ import time
 import pytest
 import torch
 from conftest import ROOT
+from safetensors.torch import load_file
 from test_pretrain import TINY, _fresh_copy, _losses, make_corpus_run
 
 from scratchlm import load
 from scratchlm.config import load_recipe
+from scratchlm.export.hf import export_run
 from scratchlm.train.checkpoint import list_checkpoints, resolve_checkpoint
 from scratchlm.train.distributed_checkpoint import is_sharded
 from scratchlm.train.metrics import read_metrics
@@ -152,6 +154,12 @@ def test_fsdp2_matches_and_its_checkpoint_resumes_on_one_process(corpus, single,
         sharded_model.state_dict().items(), single_model.state_dict().items(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    # ... and so exports to the same single-file Hugging Face model.
+    exported = load_file(export_run(sharded, tmp_path / "hf-sharded") / "model.safetensors")
+    reference = load_file(export_run(single["base"], tmp_path / "hf") / "model.safetensors")
+    assert exported.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_single_file_checkpoint_resumes_on_two_fsdp2_ranks(corpus, single, tmp_path):
