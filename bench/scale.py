@@ -176,7 +176,8 @@ def launch(size: str, nproc: int, overrides: list[str], steps: int, extra: list[
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line.removeprefix("RESULT "))
-    return {"error": (proc.stderr.strip().splitlines() or ["no result"])[-1]}
+    errors = [line for line in proc.stderr.splitlines() if re.search(r"Error|error:", line)]
+    return {"error": (errors or ["no result"])[-1].strip()}
 
 
 def main() -> None:

@@ -224,22 +224,28 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, runtime: Runtime) -> None:
 
 
 class ReplicateParallel(ParallelStyle):
-    """Keep a module whole on every tensor-parallel rank, with DTensor (Replicate) parameters so
-    that the optimizer and gradient clipping see one kind of tensor; activations stay plain."""
+    """Keep a module whole on every tensor-parallel rank. Its parameters become DTensors
+    (Replicate), so that FSDP2, the optimizer and clipping see one kind of tensor, but the forward
+    runs on their local tensors and plain activations: the fused norm and loss are autograd
+    Functions written for plain tensors. Every rank computes the same gradient, so none is reduced.
+    """
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        def to_dtensor(_module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
-            return tuple(
-                DTensor.from_local(t, mesh, [Replicate()], run_check=False)
-                if isinstance(t, torch.Tensor)
-                else t
-                for t in inputs
-            )
+        distribute_module(module, device_mesh)
+        forward = type(module).forward
 
-        def to_local(_module: nn.Module, output: Any, _mesh: DeviceMesh) -> Any:
-            return output.to_local() if isinstance(output, DTensor) else output
+        def forward_on_local(*args: Any, **kwargs: Any) -> Any:
+            params = dict(module._parameters)
+            try:
+                for name, param in params.items():
+                    if isinstance(param, DTensor):
+                        module._parameters[name] = param.to_local(grad_placements=[Replicate()])
+                return forward(module, *args, **kwargs)
+            finally:
+                module._parameters.update(params)
 
-        return distribute_module(module, device_mesh, input_fn=to_dtensor, output_fn=to_local)
+        module.forward = forward_on_local
+        return module
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:

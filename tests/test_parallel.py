@@ -243,3 +243,21 @@ def test_deepspeed_zero_matches_one_process(stage, corpus, single, tmp_path):
         ds_model.state_dict().items(), single_model.state_dict().items(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow  # four processes on a 2-core machine
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["parallel.dp_replicate=2", "parallel.dp_shard=2"],
+        ["parallel.dp_shard=2", "parallel.tp=2"],
+        ["parallel.dp_shard=2", "parallel.pp=2"],
+        ["parallel.tp=2", "parallel.pp=2"],
+    ],
+    ids=["hsdp", "fsdp-tp", "fsdp-pp", "tp-pp"],
+)
+def test_four_ranks_in_two_dimensions_match_one_process(layout, corpus, single, tmp_path):
+    run = _fresh_copy(corpus, tmp_path / "run")
+    overrides = [*FIVE_STEPS, *KV2, "pretrain.micro_batch_size=2", *layout]
+    _assert_ok(torchrun(run, overrides, nproc=4))
+    _assert_same_losses(run, single["kv2"])
