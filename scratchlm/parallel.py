@@ -31,6 +31,7 @@ from torch.distributed.tensor.parallel import (
 from scratchlm.config import ParallelConfig
 from scratchlm.errors import UserError
 from scratchlm.train.device import Runtime
+from scratchlm.train.pipeline_parallel import PipelineRunner, split_stage
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -41,6 +42,8 @@ class DistInfo:
     world_size: int
     dp_rank: int
     dp_size: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where collectives' tensors live (NCCL reduces only GPU tensors)."""
     mesh: DeviceMesh | None = None
     pp_rank: int = 0
     pp_size: int = 1
@@ -65,7 +68,7 @@ class DistInfo:
         if self.world_size == 1:
             return "1 process"
         if self.mesh is None:
-            return f"{self.world_size} processes, DDP {self.dp_size}"
+            return f"{self.world_size} processes, data-parallel {self.dp_size}"
         sizes = ", ".join(
             f"{n} {self.mesh[n].size()}" for n in MESH_DIMS if self.mesh[n].size() > 1
         )
@@ -89,7 +92,7 @@ class DistInfo:
         """The stop signal if any rank received one, so that every rank saves at the same step."""
         if self.world_size == 1:
             return signum
-        flag = torch.tensor([signum or 0])
+        flag = torch.tensor([signum or 0], device=self.device)
         torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
         return int(flag.item()) or None
 
@@ -143,9 +146,9 @@ def init(cfg: ParallelConfig, device: torch.device) -> DistInfo:
     if cfg.engine == "deepspeed":
         if cfg.tp > 1 or cfg.pp > 1:
             raise UserError("parallel.engine='deepspeed' runs data parallel only: set tp=1, pp=1")
-        return DistInfo(rank=rank, world_size=world_size, dp_rank=rank, dp_size=world_size)
+        return DistInfo(rank, world_size, dp_rank=rank, dp_size=world_size, device=device)
     if cfg.dp_replicate == world_size:  # plain DDP: no mesh needed
-        return DistInfo(rank=rank, world_size=world_size, dp_rank=rank, dp_size=world_size)
+        return DistInfo(rank, world_size, dp_rank=rank, dp_size=world_size, device=device)
     shape = (cfg.pp, cfg.dp_replicate, cfg.dp_shard, cfg.tp)
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
     dp_rank = (
@@ -156,6 +159,7 @@ def init(cfg: ParallelConfig, device: torch.device) -> DistInfo:
         world_size=world_size,
         dp_rank=dp_rank,
         dp_size=cfg.dp_replicate * cfg.dp_shard,
+        device=device,
         mesh=mesh,
         pp_rank=mesh["pp"].get_local_rank(),
         pp_size=cfg.pp,
@@ -188,8 +192,6 @@ def apply(
         return wrapped
     mesh = dist.mesh
     if cfg.pp > 1:
-        from scratchlm.train.pipeline_parallel import split_stage
-
         dist.tied_copies = split_stage(model, dist.pp_rank, cfg.pp)
     if cfg.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
@@ -199,8 +201,6 @@ def apply(
         apply_fsdp(model, mesh["dp_replicate", "dp_shard"], runtime)
         dist.fsdp, dist._model = True, model
     if cfg.pp > 1:
-        from scratchlm.train.pipeline_parallel import PipelineRunner
-
         if loss_fn is None:
             raise ValueError("pipeline parallelism needs the loss function")
         dist.pipeline = PipelineRunner(model, dist, cfg, runtime, micro_batches, loss_fn)
