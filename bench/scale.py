@@ -41,7 +41,7 @@ CPU_SHAPES = {
     ],
 }
 LAYOUTS = {
-    "1 process": (1, []),
+    "1 process": (1, []),  # one thread, like each rank of the others
     "DDP 2": (2, ["parallel.dp_replicate=2"]),
     "FSDP2 2": (2, ["parallel.dp_shard=2"]),
     "TP 2": (2, ["parallel.tp=2"]),
@@ -170,8 +170,8 @@ def launch(size: str, nproc: int, overrides: list[str], steps: int, extra: list[
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *script]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if nproc > 1:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // nproc))
+    if "--single-gpu-fsdp" not in extra:  # CPU: one thread per rank, so per-rank figures compare
+        env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):

@@ -69,6 +69,8 @@ class DeepSpeedRunner:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(recipe, runtime, accum)
         )
+        if runtime.autocast_dtype is not None:  # DeepSpeed's bf16 cast also rounded the RoPE tables
+            model.init_rope()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Every micro-batch's forward and backward, then the engine's clipped optimizer step.
