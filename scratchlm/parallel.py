@@ -135,7 +135,12 @@ def init(cfg: ParallelConfig, device: torch.device) -> DistInfo:
     """Join the process group torchrun describes in the environment; world size 1 without it."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_layout(cfg, world_size)
-    if world_size == 1:
+    if cfg.engine == "deepspeed" and "LOCAL_RANK" not in os.environ:
+        raise UserError(
+            "parallel.engine='deepspeed' needs a launcher: "
+            "torchrun --nproc_per_node=N -m scratchlm pretrain ..."
+        )
+    if world_size == 1 and cfg.engine != "deepspeed":
         return DistInfo(rank=0, world_size=1, dp_rank=0, dp_size=1)
     if not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -343,5 +348,5 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def shutdown(dist: DistInfo) -> None:
-    if dist.world_size > 1 and torch_dist.is_initialized():
+    if torch_dist.is_initialized():
         torch_dist.destroy_process_group()

@@ -110,6 +110,23 @@ def test_wrong_layout_is_one_line(corpus, tmp_path):
     ]
 
 
+def test_deepspeed_without_a_launcher_is_one_line(corpus, tmp_path):
+    run = _fresh_copy(corpus, tmp_path / "run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "scratchlm", "pretrain", "--run-dir", str(run)]
+        + _set_args([*FIVE_STEPS, "parallel.engine=deepspeed"]),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: parallel.engine='deepspeed' needs a launcher: "
+        "torchrun --nproc_per_node=N -m scratchlm pretrain ..."
+    ]
+
+
 @pytest.mark.parametrize(
     "layout",
     [
