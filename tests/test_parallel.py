@@ -67,6 +67,17 @@ def _assert_same_losses(run, reference, steps=range(1, 6)):
         assert got[step] == pytest.approx(want[step], rel=1e-4), f"step {step}"
 
 
+def _resume_on_one_process(step3, corpus, run, overrides, reference):
+    """Resume a copy of the corpus from the checkpoint `step3` in this process; steps 4 and 5
+    must give the uninterrupted run's losses."""
+    _fresh_copy(corpus, run)
+    (run / "pretrain").mkdir()
+    os.symlink(step3, run / "pretrain" / "step-000003")
+    (run / "pretrain" / "latest").symlink_to("step-000003")
+    pretrain(load_recipe(None, overrides), run, resume=True, progress=False)
+    _assert_same_losses(run, reference, steps=[4, 5])
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("corpus")
@@ -140,11 +151,16 @@ def test_deepspeed_without_a_launcher_is_one_line(corpus, tmp_path):
 def test_two_ranks_match_one_process(layout, corpus, single, tmp_path):
     run = _fresh_copy(corpus, tmp_path / "run")
     _assert_ok(torchrun(run, [*FIVE_STEPS, *layout]))
-    reference = single["kv2"] if "model.n_kv_heads=2" in layout else single["base"]
+    extra = KV2 if "model.n_kv_heads=2" in layout else []
+    reference = single["kv2"] if extra else single["base"]
     _assert_same_losses(run, reference)
     final = read_metrics(run / "metrics.jsonl")[-1]
     want = read_metrics(reference / "metrics.jsonl")[-1]
     assert final["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4)
+    step3 = run / "pretrain" / "step-000003"
+    # DDP replicates whole weights; tensor and pipeline parallel ranks each save their part.
+    assert is_sharded(step3) == ("parallel.dp_replicate=2" not in layout)
+    _resume_on_one_process(step3, corpus, tmp_path / "one", [*FIVE_STEPS, *extra], reference)
 
 
 def test_fsdp2_matches_and_its_checkpoint_resumes_on_one_process(corpus, single, tmp_path):
@@ -157,12 +173,7 @@ def test_fsdp2_matches_and_its_checkpoint_resumes_on_one_process(corpus, single,
     assert resolve_checkpoint(step3) == step3  # the manifest covers every rank's shard
 
     # 2 ranks -> 1: resume from step 3 without a process group.
-    resumed = _fresh_copy(corpus, tmp_path / "resumed")
-    (resumed / "pretrain").mkdir()
-    os.symlink(step3, resumed / "pretrain" / "step-000003")
-    (resumed / "pretrain" / "latest").symlink_to("step-000003")
-    pretrain(load_recipe(None, FIVE_STEPS), resumed, resume=True, progress=False)
-    _assert_same_losses(resumed, single["base"], steps=[4, 5])
+    _resume_on_one_process(step3, corpus, tmp_path / "one", FIVE_STEPS, single["base"])
 
     # The sharded final checkpoint consolidates into the same weights as the one-process run.
     sharded_model, _ = load(sharded)

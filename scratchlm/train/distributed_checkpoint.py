@@ -12,6 +12,7 @@ checkpoint. The folder is written under a temporary name and renamed, as single-
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import warnings
@@ -76,8 +77,12 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     """Fill a (parallelised) model and its optimizer from a sharded checkpoint, resharding it to
     this rank's part."""
     model_state, optim_state = get_state_dict(model, optimizer)
+    # The saved param_groups are one rank's (a pipeline stage's names, say); this layout's own
+    # groups name its parameters, and their hyper-parameters come from the recipe.
+    groups = copy.deepcopy(optim_state["param_groups"])
     state = {"model": model_state, "optim": optim_state}
     _dcp_load(state, path)
+    state["optim"]["param_groups"] = groups
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
