@@ -72,6 +72,16 @@ def comm_seconds(prof: torch.profiler.profile) -> float:
     return total / 1e6
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one (Linux), else what platform says."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank: build, parallelise and time the model; rank 0 prints a RESULT line."""
     from scratchlm import parallel
@@ -92,11 +102,12 @@ def worker(args: argparse.Namespace) -> None:
     flops_per_token = model.flops_per_token(model_cfg.max_seq_len)
     n_params = model.num_params()
     accum = grad_accum_steps(recipe, dist.dp_size)
-    if args.single_gpu_fsdp:  # FSDP2 on a one-GPU mesh: the layout a cluster run uses per rank
+    if args.one_device_fsdp:  # FSDP2 on a one-device mesh: the layout a cluster run uses per rank
         from torch.distributed.device_mesh import init_device_mesh
 
-        torch.distributed.init_process_group("nccl")
-        mesh = init_device_mesh("cuda", (1, 1), mesh_dim_names=("dp_replicate", "dp_shard"))
+        device_type = runtime.device.type
+        torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        mesh = init_device_mesh(device_type, (1, 1), mesh_dim_names=("dp_replicate", "dp_shard"))
         parallel.apply_fsdp(model, mesh, runtime)
     else:
         model = parallel.apply(model, dist, recipe.parallel, runtime, accum, cross_entropy_loss)
@@ -165,12 +176,12 @@ def launch(size: str, nproc: int, overrides: list[str], steps: int, extra: list[
     """Run the worker for one layout (under torchrun when it needs ranks) and parse its result."""
     script = [str(Path(__file__).resolve()), "--worker", "--size", size, "--steps", str(steps)]
     script += [f"--set={o}" for o in overrides] + extra
-    if nproc == 1 and "--single-gpu-fsdp" not in extra:
+    if nproc == 1 and "--one-device-fsdp" not in extra:
         cmd = [sys.executable, *script]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *script]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if "--single-gpu-fsdp" not in extra:  # CPU: one thread per rank, so per-rank figures compare
+    if "--one-device-fsdp" not in extra:  # CPU: one thread per rank, so per-rank figures compare
         env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     for line in proc.stdout.splitlines():
@@ -188,7 +199,7 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true", help="FSDP2 + compile + bf16 on one GPU")
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--single-gpu-fsdp", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--one-device-fsdp", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -201,7 +212,7 @@ def main() -> None:
             raise SystemExit("--gpu needs a CUDA GPU")
         for size in (args.sizes or "124m,1b").split(","):
             sets = [*GPU_BATCH.get(size, []), "pretrain.compile=true", "pretrain.precision=bf16"]
-            extra = ["--single-gpu-fsdp", f"--warmup={max(args.warmup, 3)}"]
+            extra = ["--one-device-fsdp", f"--warmup={max(args.warmup, 3)}"]
             rows.append(
                 {
                     "size": size,
@@ -222,7 +233,7 @@ def main() -> None:
                     }
                 )
                 print(rows[-1], file=sys.stderr, flush=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    machine = f"{cpu_name()}, {os.cpu_count()} cores"
     print(f"{'size':6} {'layout':28} {'params':>10} {'tok/s/rank':>11} {'comm':>6} {'MFU':>6}")
     for r in rows:
         if "error" in r:
