@@ -21,7 +21,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -n 2
 
-test-slow: setup
+# The slow tests include DeepSpeed, an optional extra.
+$(VENV)/.installed-deepspeed: $(VENV)/.installed
+	$(PY) -m pip install -q $(TORCH) -e '.[dev,deepspeed]'
+	touch $@
+
+test-slow: $(VENV)/.installed-deepspeed
 	$(PY) -m pytest -q -m slow
 
 lint: setup
