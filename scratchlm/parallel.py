@@ -96,6 +96,14 @@ class DistInfo:
         torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
         return int(flag.item()) or None
 
+    def from_rank0(self, value: float) -> float:
+        """Rank 0's value on every rank: clock readings that decide the schedule and the stop."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch_dist.broadcast(tensor, src=0)
+        return float(tensor.item())
+
     def sync_gradients(self, sync: bool) -> contextlib.AbstractContextManager:
         """Skip the data-parallel gradient reduction for all but the last micro-batch of a step."""
         if self.ddp and not sync and self._model is not None:

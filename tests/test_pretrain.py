@@ -127,3 +127,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus_run, tmp_path):
     assert "Traceback" not in err and "continue with --resume" in err
     state = json.loads((run / "pretrain/latest/trainer_state.json").read_text())
     assert state["step"] == max(_losses(run))
+
+
+def test_max_seconds_stops_by_the_clock_and_still_evaluates(corpus_run, tmp_path):
+    run = _fresh_copy(corpus_run, tmp_path / "clock")
+    recipe = load_recipe(None, [*TINY, "pretrain.max_steps=100000", "pretrain.max_seconds=1.5"])
+    result = pretrain(recipe, run, progress=False)
+    assert 0 < result["step"] < 100000
+    assert result["val_bpb"] > 0
+    lrs = [r["lr"] for r in read_metrics(run / "metrics.jsonl") if "lr" in r]
+    assert lrs[-1] < lrs[2]  # the cosine decays over the time budget, not over max_steps

@@ -245,11 +245,13 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
     model.train()
     with StopSignals() as stop:
         while step < cfg.max_steps:
-            if cfg.max_seconds and time.time() - start >= cfg.max_seconds:
+            t0 = time.time()
+            # With a wall-clock budget, rank 0's clock drives the schedule and the stop everywhere.
+            elapsed = dist.from_rank0(t0 - start) if cfg.max_seconds else 0.0
+            if cfg.max_seconds and elapsed >= cfg.max_seconds:
                 say(f"pretrain: reached max_seconds={cfg.max_seconds:g} at step {step}")
                 break
-            t0 = time.time()
-            lr = lr_at(step, cfg, elapsed=t0 - start)
+            lr = lr_at(step, cfg, elapsed=elapsed)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum, grad_norm = train_step(*loader.next_batch())
@@ -271,10 +273,11 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 last_val = evaluate(step)
-                bar.write(
-                    f"step {step}: val_loss {last_val['val_loss']:.4f}, "
-                    f"val_bpb {last_val['val_bpb']:.4f}"
-                ) if dist.is_main else None
+                if dist.is_main:
+                    bar.write(
+                        f"step {step}: val_loss {last_val['val_loss']:.4f}, "
+                        f"val_bpb {last_val['val_bpb']:.4f}"
+                    )
             # Every rank must stop at the same step: a signal may reach them at different times.
             if (signum := dist.agree_stop(stop.signum)) is not None:
                 saved = save(step)
