@@ -7,6 +7,7 @@ not know, or a value of the wrong type, is a one-line UserError naming the key a
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,7 +79,6 @@ class PretrainConfig:
     """Validation tokens per evaluation."""
     save_every: int = 500
     keep_checkpoints: int = 2
-    log_every: int = 10
     compile: bool = False
     device: str = "auto"
     """auto, cpu, cuda, cuda:N or mps."""
@@ -229,7 +229,7 @@ def to_toml(data: dict[str, Any]) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+            return json.dumps(v, ensure_ascii=False)  # JSON's escapes are valid in TOML
         if isinstance(v, list):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
         return repr(v)

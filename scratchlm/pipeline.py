@@ -11,6 +11,7 @@ import glob
 import hashlib
 import itertools
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -138,12 +139,26 @@ def run_tokenize(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if not isinstance(v, (list, dict))}
 
 
-def run_pretrain(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+def run_pretrain(
+    recipe: Recipe, run_dir: Path, resume: bool = False, fingerprint: str = ""
+) -> dict[str, Any]:
+    """Pretrain; a fresh start moves earlier checkpoints to pretrain.prev instead of mixing in."""
     from scratchlm.train.metrics import drop_rows
     from scratchlm.train.pretrain import pretrain
 
-    if not resume:
-        drop_rows(run_dir / "metrics.jsonl", "pretrain")
+    stage_dir = run_dir / "pretrain"
+    # Under torchrun only rank 0 touches the folder; the others wait for it in the process group.
+    if int(os.environ.get("RANK", "0")) == 0:
+        if not resume and stage_dir.exists() and any(stage_dir.iterdir()):
+            previous = run_dir / "pretrain.prev"
+            shutil.rmtree(previous, ignore_errors=True)
+            stage_dir.rename(previous)
+            print(f"pretrain: starting afresh; earlier checkpoints moved to {previous}")
+        if not resume:
+            drop_rows(run_dir / "metrics.jsonl", "pretrain")
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        if fingerprint:
+            (stage_dir / "fingerprint").write_text(fingerprint)
     return pretrain(recipe, run_dir, resume=resume)
 
 
@@ -206,15 +221,7 @@ def run_pipeline(recipe: Recipe, run_dir: Path, until: str | None = None) -> dic
 
 def _pipeline_pretrain(recipe: Recipe, run_dir: Path, fp: str) -> dict[str, Any]:
     """Resume a pretraining that was stopped with the same config; start afresh otherwise."""
-    stage_dir = run_dir / "pretrain"
-    marker = stage_dir / "fingerprint"
+    marker = run_dir / "pretrain" / "fingerprint"
     same_config = marker.is_file() and marker.read_text().strip() == fp
     resume = same_config and _pretrain_finished(run_dir, recipe) is False
-    if stage_dir.exists() and not same_config:
-        previous = run_dir / "pretrain.prev"
-        shutil.rmtree(previous, ignore_errors=True)
-        stage_dir.rename(previous)
-        print(f"pretrain: the recipe changed; earlier checkpoints moved to {previous}")
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(fp)
-    return run_pretrain(recipe, run_dir, resume=resume)
+    return run_pretrain(recipe, run_dir, resume=resume, fingerprint=fp)

@@ -343,6 +343,15 @@ def read_meta(tokens_dir: Path) -> dict:
     return meta
 
 
+def check_tokenizer(meta: dict, tokenizer: Tokenizer) -> None:
+    """Shards are only meaningful with the tokenizer that wrote them."""
+    if meta.get("tokenizer_sha256") != tokenizer.sha256:
+        raise UserError(
+            f"the token shards were written with another tokenizer than {tokenizer.path}; "
+            "rerun `scratchlm tokenize`"
+        )
+
+
 class TokenStream:
     """One split's shards as a single read-only token array, memory-mapped."""
 

@@ -89,9 +89,12 @@ def test_resume_continues_exactly(corpus_run, tmp_path):
     cut = _fresh_copy(corpus_run, tmp_path / "cut")
     shutil.copytree(full / "pretrain" / "step-000003", cut / "pretrain" / "step-000003")
     (cut / "pretrain" / "latest").symlink_to("step-000003")
+    # The crashed run had logged steps 1..6; the resume logs 4..6 again, and only once.
+    shutil.copy(full / "metrics.jsonl", cut / "metrics.jsonl")
     pretrain(recipe, cut, resume=True, progress=False)
     before, after = _losses(full), _losses(cut)
-    assert sorted(after) == [4, 5, 6]
+    logged = [r["step"] for r in read_metrics(cut / "metrics.jsonl") if "loss" in r]
+    assert logged == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
         assert after[step] == pytest.approx(before[step], rel=1e-6)
     state = json.loads((cut / "pretrain/latest/trainer_state.json").read_text())
@@ -137,3 +140,24 @@ def test_max_seconds_stops_by_the_clock_and_still_evaluates(corpus_run, tmp_path
     assert result["val_bpb"] > 0
     lrs = [r["lr"] for r in read_metrics(run / "metrics.jsonl") if "lr" in r]
     assert lrs[-1] < lrs[2]  # the cosine decays over the time budget, not over max_steps
+
+
+def test_fresh_start_moves_earlier_checkpoints_aside(corpus_run, tmp_path):
+    from scratchlm.pipeline import run_pretrain
+
+    run = _fresh_copy(corpus_run, tmp_path / "again")
+    run_pretrain(load_recipe(None, [*TINY, "pretrain.max_steps=6"]), run)
+    run_pretrain(load_recipe(None, [*TINY, "pretrain.max_steps=3"]), run)
+    assert [p.name for p in (run / "pretrain").glob("step-*")] == ["step-000003"]
+    assert (run / "pretrain/latest").resolve().name == "step-000003"
+    assert (run / "pretrain.prev/step-000006").is_dir()
+    assert sorted(_losses(run)) == [1, 2, 3]
+
+
+def test_shards_of_another_tokenizer_are_refused(corpus_run, tmp_path):
+    run = _fresh_copy(corpus_run, tmp_path / "mismatch")
+    recipe = load_recipe(None, [*TINY, "model.vocab_size=280"])
+    # A new tokenizer, the old shards.
+    run_tokenizer(recipe, run, texts=["a different corpus for a different tokenizer"] * 50)
+    with pytest.raises(UserError, match="another tokenizer"):
+        pretrain(recipe, run, progress=False)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from scratchlm.errors import UserError
+
 DEFAULT_STEPS = [
     "html",
     "normalize",
@@ -58,6 +60,17 @@ class GopherRepetitionConfig:
     dup_ngram_max_fracs: list[float] = field(
         default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10]
     )
+
+    def __post_init__(self) -> None:
+        pairs = [
+            ("top_ngram_sizes", "top_ngram_max_fracs"),
+            ("dup_ngram_sizes", "dup_ngram_max_fracs"),
+        ]
+        for sizes, fracs in pairs:
+            if len(getattr(self, sizes)) != len(getattr(self, fracs)):
+                raise UserError(
+                    f"curate.gopher_repetition.{sizes} and {fracs} must have the same length"
+                )
 
 
 @dataclass

@@ -43,6 +43,7 @@ from scratchlm.curate.steps import (
 )
 from scratchlm.documents import read_documents, write_documents
 from scratchlm.errors import UserError
+from scratchlm.paths import resolve
 
 EXACT_KEY_BYTES = 16
 
@@ -389,7 +390,7 @@ def run_curate(
     """Curate the inputs into `out`; returns the stats written to out/stats.json."""
     start = time.perf_counter()
     steps = resolve_steps(cfg.steps, only)
-    if "quality" in steps and not Path(cfg.quality_model).is_file():
+    if "quality" in steps and not resolve(cfg.quality_model).is_file():
         raise UserError(
             f"the quality step needs curate.quality_model (a model from `scratchlm curate "
             f"train-quality`); got {cfg.quality_model!r}"

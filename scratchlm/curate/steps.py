@@ -14,6 +14,7 @@ from scratchlm.curate import filters
 from scratchlm.curate.config import CurateConfig
 from scratchlm.curate.pii import scrub
 from scratchlm.curate.text import html_to_text, normalize
+from scratchlm.paths import resolve
 
 Rejection = tuple[str, float]
 
@@ -53,7 +54,7 @@ class StepContext:
         return _language_identifier()(text)
 
     def quality(self, text: str) -> float:
-        return _quality_scorer(self.cfg.quality_model)(text)
+        return _quality_scorer(str(resolve(self.cfg.quality_model)))(text)
 
 
 def step_html(doc: dict, ctx: StepContext) -> Rejection | None:

@@ -12,6 +12,7 @@ from scratchlm.config import Recipe
 from scratchlm.evaluate.bpb import evaluate_bpb
 from scratchlm.infer.generate import generate
 from scratchlm.loading import latest_checkpoint_dir, load
+from scratchlm.shards import check_tokenizer, read_meta
 from scratchlm.train.checkpoint import resolve_checkpoint
 from scratchlm.train.device import pick_runtime
 
@@ -41,6 +42,7 @@ def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     ckpt = resolve_checkpoint(latest_checkpoint_dir(run_dir))
     runtime = pick_runtime(recipe.pretrain.device, recipe.pretrain.precision)
     model, tokenizer = load(ckpt, device=runtime.device)
+    check_tokenizer(read_meta(run_dir / "tokens"), tokenizer)
     figures = evaluate_bpb(
         model,
         run_dir / "tokens",

@@ -43,5 +43,6 @@ def stream_to_terminal(
             sys.stdout.write(text[len(shown) :])
             sys.stdout.flush()
             shown = text
-    sys.stdout.write("\n")
-    return shown
+    text = tokenizer.decode(new, skip_special=True)
+    sys.stdout.write(text[len(shown) :] + "\n")  # whatever is left, even a broken character
+    return text

@@ -17,14 +17,14 @@ from scratchlm.config import Recipe
 from scratchlm.errors import UserError
 from scratchlm.evaluate.bpb import evaluate_bpb
 from scratchlm.model import ModelConfig, Transformer, cross_entropy_loss
-from scratchlm.shards import TokenLoader, read_meta
+from scratchlm.shards import TokenLoader, check_tokenizer, read_meta
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed_checkpoint as dckpt
 from scratchlm.train.checkpoint import load_weights
 from scratchlm.train.deepspeed_engine import DeepSpeedRunner, warn_optimizer_restart
 from scratchlm.train.device import pick_runtime
-from scratchlm.train.metrics import MetricsLog
+from scratchlm.train.metrics import MetricsLog, drop_rows
 from scratchlm.train.optim import build_optimizer, lr_at
 from scratchlm.train.rng import get_rng_state, set_rng_state
 
@@ -50,6 +50,8 @@ class StopSignals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: stop now, without waiting for the step
+            raise KeyboardInterrupt
         self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
@@ -95,6 +97,7 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
     tokens_dir = run_dir / "tokens"
     meta = read_meta(tokens_dir)
     tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+    check_tokenizer(meta, tokenizer)
     if meta["vocab_size"] > recipe.model.vocab_size:
         raise UserError(
             f"the tokenizer has {meta['vocab_size']} tokens but model.vocab_size is "
@@ -123,6 +126,7 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
     )
     accum = grad_accum_steps(recipe, dist.dp_size)
     restored = None
+    elapsed_before = 0.0
     if resume and ckpt.list_checkpoints(stage_dir):
         # A sharded checkpoint is read after the model is split; a single-file one before.
         restored = ckpt.load_checkpoint(stage_dir, consolidate=False)
@@ -132,7 +136,12 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
         step, tokens_seen = state["step"], state["tokens_seen"]
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
+        elapsed_before = state.get("elapsed", 0.0)
+        if dist.is_main:  # rows logged after this checkpoint, before the stop, are logged again
+            drop_rows(run_dir / "metrics.jsonl", "pretrain", after_step=step)
         say(f"pretrain: resumed from {restored.path} at step {step}")
+    elif resume:
+        say(f"pretrain: no checkpoint in {stage_dir} to resume from; starting at step 0")
     flops_per_token = model.flops_per_token(model_cfg.max_seq_len)
     n_params = model.num_params()
     model = parallel.apply(model, dist, recipe.parallel, runtime, accum, cross_entropy_loss)
@@ -179,10 +188,10 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
         trainer_state = {
             "step": at_step,
             "tokens_seen": tokens_seen,
-            "max_steps": cfg.max_steps,
+            "elapsed": round(time.time() - start, 3),
             "loader": loader.state_dict(),
             "rng": get_rng_state(),
-            "lr": lr_at(at_step, cfg),
+            "lr": lr,
         }
         if dist.sharded:  # every rank writes its own shards
             return dckpt.save_sharded(
@@ -233,7 +242,9 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
         optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm
 
-    start = time.time()
+    # The clock continues from the checkpoint, so a time budget spans a resume.
+    start = time.time() - elapsed_before
+    lr = lr_at(step, cfg, elapsed=elapsed_before)
     last_val: dict[str, float] = {}
     bar = tqdm(
         total=cfg.max_steps,
@@ -243,51 +254,53 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
         desc="pretrain",
     )
     model.train()
-    with StopSignals() as stop:
-        while step < cfg.max_steps:
-            t0 = time.time()
-            # With a wall-clock budget, rank 0's clock drives the schedule and the stop everywhere.
-            elapsed = dist.from_rank0(t0 - start) if cfg.max_seconds else 0.0
-            if cfg.max_seconds and elapsed >= cfg.max_seconds:
-                say(f"pretrain: reached max_seconds={cfg.max_seconds:g} at step {step}")
-                break
-            lr = lr_at(step, cfg, elapsed=elapsed)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum, grad_norm = train_step(*loader.next_batch())
-            step += 1
-            tokens_seen += cfg.tokens_per_step
-            loss_value = dist.mean(loss_sum).item()
-            if not math.isfinite(loss_value):
-                raise RuntimeError(f"loss is {loss_value} at step {step}; lower pretrain.lr")
-            tokens_per_s = cfg.tokens_per_step / (time.time() - t0)
-            log.write(
-                step,
-                loss=loss_value,
-                lr=lr,
-                tokens_per_s=round(tokens_per_s, 1),
-                grad_norm=float(grad_norm),
-                tokens=tokens_seen,
-            )
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                last_val = evaluate(step)
-                if dist.is_main:
-                    bar.write(
-                        f"step {step}: val_loss {last_val['val_loss']:.4f}, "
-                        f"val_bpb {last_val['val_bpb']:.4f}"
-                    )
-            # Every rank must stop at the same step: a signal may reach them at different times.
-            if (signum := dist.agree_stop(stop.signum)) is not None:
-                saved = save(step)
-                bar.close()
-                raise TrainingInterrupted(signum, saved)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                save(step)
-    bar.close()
-    last_val = evaluate(step)
-    final = save(step)
+    try:
+        with StopSignals() as stop:
+            while step < cfg.max_steps:
+                t0 = time.time()
+                # With a time budget, rank 0's clock drives the schedule and the stop everywhere.
+                elapsed = dist.from_rank0(t0 - start) if cfg.max_seconds else 0.0
+                if cfg.max_seconds and elapsed >= cfg.max_seconds:
+                    say(f"pretrain: reached max_seconds={cfg.max_seconds:g} at step {step}")
+                    break
+                lr = lr_at(step, cfg, elapsed=elapsed)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum, grad_norm = train_step(*loader.next_batch())
+                step += 1
+                tokens_seen += cfg.tokens_per_step
+                loss_value = dist.mean(loss_sum).item()
+                if not math.isfinite(loss_value):
+                    raise RuntimeError(f"loss is {loss_value} at step {step}; lower pretrain.lr")
+                tokens_per_s = cfg.tokens_per_step / (time.time() - t0)
+                log.write(
+                    step,
+                    loss=loss_value,
+                    lr=lr,
+                    tokens_per_s=round(tokens_per_s, 1),
+                    grad_norm=float(grad_norm),
+                    tokens=tokens_seen,
+                )
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                    last_val = evaluate(step)
+                    if dist.is_main:
+                        bar.write(
+                            f"step {step}: val_loss {last_val['val_loss']:.4f}, "
+                            f"val_bpb {last_val['val_bpb']:.4f}"
+                        )
+                # Every rank stops at the same step: a signal may reach them at different times.
+                if (signum := dist.agree_stop(stop.signum)) is not None:
+                    raise TrainingInterrupted(signum, save(step))
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                    save(step)
+        bar.close()
+        last_val = evaluate(step)
+        final = save(step)
+    finally:  # also on a stop or an error: close the bar and leave the process group
+        bar.close()
+        parallel.shutdown(dist)
     seconds = time.time() - start
     result = {
         "step": step,
@@ -302,5 +315,4 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
         f"pretrain: step {step}, val_loss {last_val['val_loss']:.4f}, "
         f"val_bpb {last_val['val_bpb']:.4f}, {seconds:.0f} s"
     )
-    parallel.shutdown(dist)
     return result
