@@ -33,7 +33,11 @@ def _add_recipe_args(p: argparse.ArgumentParser, run_dir_required: bool = True) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scratchlm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="scratchlm",
+        description="Build a language model from scratch. Each stage is a subcommand; "
+        "`scratchlm pipeline` runs them all in order.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pipeline", help="run every stage in order, skipping those up to date")
