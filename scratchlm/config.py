@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import tomllib
 
 from scratchlm.curate.config import CurateConfig
 from scratchlm.errors import UserError
