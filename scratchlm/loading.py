@@ -9,7 +9,7 @@ import torch
 from scratchlm.errors import UserError
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.checkpoint import load_checkpoint, load_weights
+from scratchlm.train.checkpoint import Checkpoint, load_checkpoint, load_weights
 
 # Later stages refine earlier ones; a run's model is the newest stage that has a checkpoint.
 CHECKPOINT_STAGES = ["ppo", "dpo", "sft", "pretrain"]
@@ -47,7 +47,13 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transfor
     if not path.exists():
         raise UserError(f"not found: {path}")
     target = latest_checkpoint_dir(path) if is_run_dir(path) else path
-    ckpt = load_checkpoint(target)
+    return from_checkpoint(load_checkpoint(target), device)
+
+
+def from_checkpoint(
+    ckpt: Checkpoint, device: str | torch.device = "cpu"
+) -> tuple[Transformer, Tokenizer]:
+    """The model (in eval mode) and tokenizer of a checkpoint already read and verified."""
     model = Transformer(ModelConfig.from_dict(ckpt.model_config))
     load_weights(model, ckpt.tensors)
     model.to(device).eval()

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from safetensors.torch import load_file
 from test_pretrain import TINY, _fresh_copy, _losses, make_corpus_run
 
@@ -106,12 +106,12 @@ def test_stage_layers_split_evenly():
 def test_wrong_layout_is_one_line(corpus, tmp_path):
     run = _fresh_copy(corpus, tmp_path / "run")
     # torchrun describes the world in the environment; the layout is checked before joining it.
-    proc = subprocess.run(
-        [sys.executable, "-m", "scratchlm", "pretrain", "--run-dir", str(run)]
-        + _set_args([*FIVE_STEPS, "parallel.tp=3"]),
+    proc = run_cli(
+        "pretrain",
+        "--run-dir",
+        str(run),
+        *_set_args([*FIVE_STEPS, "parallel.tp=3"]),
         env={**ENV, "WORLD_SIZE": "2", "RANK": "0"},
-        capture_output=True,
-        text=True,
         timeout=60,
     )
     assert proc.returncode == 2
@@ -123,12 +123,12 @@ def test_wrong_layout_is_one_line(corpus, tmp_path):
 
 def test_deepspeed_without_a_launcher_is_one_line(corpus, tmp_path):
     run = _fresh_copy(corpus, tmp_path / "run")
-    proc = subprocess.run(
-        [sys.executable, "-m", "scratchlm", "pretrain", "--run-dir", str(run)]
-        + _set_args([*FIVE_STEPS, "parallel.engine=deepspeed"]),
+    proc = run_cli(
+        "pretrain",
+        "--run-dir",
+        str(run),
+        *_set_args([*FIVE_STEPS, "parallel.engine=deepspeed"]),
         env=ENV,
-        capture_output=True,
-        text=True,
         timeout=60,
     )
     assert proc.returncode == 2

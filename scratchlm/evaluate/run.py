@@ -11,9 +11,9 @@ import torch
 from scratchlm.config import Recipe
 from scratchlm.evaluate.bpb import evaluate_bpb
 from scratchlm.infer.generate import generate
-from scratchlm.loading import latest_checkpoint_dir, load
+from scratchlm.loading import from_checkpoint, latest_checkpoint_dir
 from scratchlm.shards import check_tokenizer, read_meta
-from scratchlm.train.checkpoint import resolve_checkpoint
+from scratchlm.train.checkpoint import load_checkpoint
 from scratchlm.train.device import pick_runtime
 
 
@@ -39,9 +39,11 @@ def sample_texts(model: torch.nn.Module, tokenizer: Any, recipe: Recipe, device:
 
 
 def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
-    ckpt = resolve_checkpoint(latest_checkpoint_dir(run_dir))
+    # Read and verified once: the manifest check hashes every file of the checkpoint.
+    loaded = load_checkpoint(latest_checkpoint_dir(run_dir))
+    ckpt = loaded.path
     runtime = pick_runtime(recipe.pretrain.device, recipe.pretrain.precision)
-    model, tokenizer = load(ckpt, device=runtime.device)
+    model, tokenizer = from_checkpoint(loaded, device=runtime.device)
     check_tokenizer(read_meta(run_dir / "tokens"), tokenizer)
     figures = evaluate_bpb(
         model,
