@@ -1,7 +1,10 @@
 """The `scratchlm` command: one subcommand per stage. Parsing only; the work lives in the stages.
 
-Exit codes: 0 done, 2 a user mistake (one line on stderr), 1 anything else, 128+N after signal N
-(a checkpoint was saved first).
+Exit codes: 0 done, 2 a user mistake (one line on stderr), 1 anything else (a fault of the run,
+such as a full disk, is one line too), 128+N after signal N (a checkpoint was saved first).
+
+A command that writes into a run folder holds its lock (RUN/.lock) from before its first write;
+read-only commands do not take it.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-from scratchlm.errors import UserError
+from scratchlm.errors import RunFault, UserError
 
 DEFAULT_RECIPE = "recipes/tiny.toml"
+# Commands that only read a run folder: they run beside a training that holds its lock.
+READ_ONLY = {"generate", "chat", "eval", "export", "serve"}
 
 
 def _add_recipe_args(p: argparse.ArgumentParser, run_dir_required: bool = True) -> None:
@@ -107,6 +112,21 @@ def _recipe(args: argparse.Namespace, must_exist: bool = True):
     return recipe
 
 
+def _take_run_folder(folder: Path, argv: list[str], what: str = "run folder") -> None:
+    """Before the first write: the folder must be writable and not in use by another process;
+    what an interrupted run left half-written in it goes. Under torchrun, rank 0 does this."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from scratchlm import disk, runlock
+
+    disk.check_writable(folder, what)
+    runlock.acquire(folder, command=" ".join(["scratchlm", *argv]))
+    names, freed = disk.remove_stale(folder, [".tmp-*"])
+    if names:
+        size = disk.format_bytes(freed)
+        print(f"note: removed {', '.join(names)}, left by an interrupted run ({size})")
+
+
 def _curate(argv: list[str]) -> int:
     if argv[:1] == ["train-quality"]:
         return _train_quality(argv[1:])
@@ -116,6 +136,7 @@ def _curate(argv: list[str]) -> int:
     only = args.only.split(",") if args.only else None
     if args.run_dir is not None:
         args.recipe = args.recipe or (args.inputs[0] if args.inputs else None)
+        _take_run_folder(args.run_dir, ["curate", *argv])
         recipe = _recipe(args, must_exist=False)
         run_curate(recipe.data.inputs, args.run_dir / "curated", recipe.curate, only=only)
         return 0
@@ -124,6 +145,8 @@ def _curate(argv: list[str]) -> int:
     from scratchlm.config import load_recipe
 
     recipe = load_recipe(Path(args.recipe) if args.recipe else None, args.set)
+    if "://" not in str(args.out):  # object storage has no folder to lock
+        _take_run_folder(Path(args.out), ["curate", *argv], what="output folder")
     run_curate(args.inputs, args.out, recipe.curate, only=only)
     return 0
 
@@ -138,7 +161,10 @@ def _train_quality(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, required=True, help="where to write model.bin")
     p.add_argument("--text-separator", default="", help="split plain text files on this")
     args = p.parse_args(argv)
+    from scratchlm import disk
     from scratchlm.curate.quality import train_quality
+
+    disk.check_writable(args.out.parent, "output folder")
 
     result = train_quality(
         args.positive, args.negative, args.out, text_separator=args.text_separator
@@ -168,7 +194,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from scratchlm import disk
     from scratchlm.export.hf import export_run
+
+    disk.check_writable(args.out, "export folder")
 
     out = export_run(args.path, args.out)
     print(f"export: wrote {out}")
@@ -185,8 +214,12 @@ def dispatch(argv: list[str]) -> int:
         return _export(args)
     from scratchlm import pipeline
 
+    run_dir = getattr(args, "run_dir", None)
+    if args.command not in READ_ONLY and run_dir is not None:
+        if args.command != "pipeline" and not run_dir.is_dir():
+            raise UserError(f"run folder not found: {run_dir}")
+        _take_run_folder(run_dir, argv)
     if args.command == "pipeline":
-        args.run_dir.mkdir(parents=True, exist_ok=True)
         results = pipeline.run_pipeline(_recipe(args), args.run_dir, until=args.until)
         if "eval" in results:
             ev = results["eval"]
@@ -211,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -220,4 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, TrainingInterrupted):
             print(f"{e.stage}: {e}; continue with --resume", file=sys.stderr)
             return 128 + e.signum
+        if type(e).__name__ == "OutOfMemoryError":  # torch's, outside the training loop
+            first = str(e).splitlines()[0] if str(e) else "out of memory"
+            print(
+                f"error: {first}; use a smaller model or micro_batch_size, or more GPUs",
+                file=sys.stderr,
+            )
+            return 1
         raise

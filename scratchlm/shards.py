@@ -345,32 +345,79 @@ def read_meta(tokens_dir: Path) -> dict:
 
 def check_tokenizer(meta: dict, tokenizer: Tokenizer) -> None:
     """Shards are only meaningful with the tokenizer that wrote them."""
-    if meta.get("tokenizer_sha256") != tokenizer.sha256:
+    written = str(meta.get("tokenizer_sha256", ""))
+    if written != tokenizer.sha256:
         raise UserError(
-            f"the token shards were written with another tokenizer than {tokenizer.path}; "
-            "rerun `scratchlm tokenize`"
+            f"the token shards were written with another tokenizer (sha256 {written[:12]}) than "
+            f"{tokenizer.path} (sha256 {tokenizer.sha256[:12]}): the tokenizer changed after "
+            "tokenizing; rerun `scratchlm tokenize`"
         )
 
 
-class TokenStream:
-    """One split's shards as a single read-only token array, memory-mapped."""
-
-    def __init__(self, tokens_dir: Path, split: str) -> None:
-        meta = read_meta(tokens_dir)
-        if split not in meta["splits"]:
-            raise UserError(
-                f"{tokens_dir} has no split {split!r} (it has {', '.join(meta['splits'])})"
-            )
+def open_split(tokens_dir: Path, meta: dict, split: str) -> list[np.ndarray]:
+    """The shards of one split, memory-mapped, after checking that the folder is what meta.json
+    says: every listed shard there at its exact size and ending with <|eos|> (a document never
+    spans two shards), the counts adding up, no shard of another tokenize run beside them. A
+    damaged folder is one line naming the file, never silently wrong training."""
+    tokens_dir = Path(tokens_dir)
+    rerun = "rerun `scratchlm tokenize`"
+    if split not in meta.get("splits", {}):
+        raise UserError(f"{tokens_dir} has no split {split!r} (it has {', '.join(meta['splits'])})")
+    try:
         dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-        self.parts: list[np.ndarray] = []
-        for shard in meta["splits"][split]["shards"]:
-            path = Path(tokens_dir) / shard["file"]
-            expected = shard["tokens"] * dtype.itemsize
-            if not path.is_file() or path.stat().st_size != expected:
-                raise UserError(
-                    f"shard {path} is missing or not {expected} bytes; rerun `scratchlm tokenize`"
-                )
-            self.parts.append(np.memmap(path, dtype=dtype, mode="r"))
+        shards = meta["splits"][split]["shards"]
+        listed = sum(int(shard["tokens"]) for shard in shards)
+        total = int(meta["splits"][split]["tokens"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{tokens_dir / META_FILE} is damaged (no valid {e}); {rerun}") from None
+    if listed != total:
+        raise UserError(
+            f"{tokens_dir / META_FILE} is inconsistent: the {split} shards it lists hold {listed} "
+            f"tokens, but it counts {total}; {rerun}"
+        )
+    names = {shard["file"] for shard in shards}
+    strays = sorted(p.name for p in tokens_dir.glob(f"{split}-*.bin") if p.name not in names)
+    if strays:
+        raise UserError(
+            f"{tokens_dir / META_FILE} does not list {', '.join(strays)}: the folder mixes shards "
+            f"of two tokenize runs; {rerun}"
+        )
+    parts = []
+    for shard in shards:
+        path = tokens_dir / shard["file"]
+        expected = int(shard["tokens"]) * dtype.itemsize
+        if not path.is_file():
+            raise UserError(f"token shard {path} is missing; {rerun}")
+        size = path.stat().st_size
+        if size < expected:
+            raise UserError(
+                f"token shard {path} is truncated: {size} bytes, but meta.json lists "
+                f"{shard['tokens']} tokens ({expected} bytes); {rerun}"
+            )
+        if size != expected:
+            raise UserError(
+                f"token shard {path} has {size} bytes, but meta.json lists {shard['tokens']} "
+                f"tokens ({expected} bytes): meta.json does not match the shards; {rerun}"
+            )
+        part = np.memmap(path, dtype=dtype, mode="r") if size else np.empty(0, dtype)
+        if len(part) and "eos_id" in meta and int(part[-1]) != meta["eos_id"]:
+            raise UserError(
+                f"token shard {path} does not end with <|eos|> (token {meta['eos_id']}): its end "
+                f"is damaged; {rerun}"
+            )
+        parts.append(part)
+    return parts
+
+
+class TokenStream:
+    """One split's shards as a single read-only token array, memory-mapped. Opening it checks the
+    folder (`open_split`) and, given the tokenizer, that the shards were written with it."""
+
+    def __init__(self, tokens_dir: Path, split: str, tokenizer: Tokenizer | None = None) -> None:
+        meta = read_meta(tokens_dir)
+        if tokenizer is not None:
+            check_tokenizer(meta, tokenizer)
+        self.parts = open_split(tokens_dir, meta, split)
         self.starts = np.cumsum([0] + [len(p) for p in self.parts])
         self.meta = meta
 
@@ -407,6 +454,10 @@ class TokenLoader:
     `global_batch` windows of that order (running on into the next epoch), and data-parallel rank
     r gets rows [r * global_batch / dp_size, (r + 1) * global_batch / dp_size): the sequence of
     global batches, and so the loss curve, depends only on the seed, not on the number of ranks.
+
+    Opening it checks the folder against meta.json (`open_split`) and, given the tokenizer, that
+    the shards were written with it; a saved position records both, so a resume on other data
+    is refused.
     """
 
     def __init__(
@@ -418,6 +469,7 @@ class TokenLoader:
         dp_rank: int = 0,
         dp_size: int = 1,
         seed: int = 0,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         if seq_len < 1 or global_batch < 1:
             raise UserError(f"seq_len ({seq_len}) and global batch ({global_batch}) must be >= 1")
@@ -428,7 +480,7 @@ class TokenLoader:
             )
         if not 0 <= dp_rank < dp_size:
             raise UserError(f"dp_rank {dp_rank} is outside 0..{dp_size - 1}")
-        self.stream = TokenStream(tokens_dir, split)
+        self.stream = TokenStream(tokens_dir, split, tokenizer)
         if len(self.stream) < seq_len + 1:
             raise UserError(
                 f"the {split} split holds {len(self.stream)} tokens, fewer than one window of "
@@ -477,11 +529,14 @@ class TokenLoader:
             "seed": self.seed,
             "seq_len": self.seq_len,
             "tokens": len(self.stream),
+            "tokenizer_sha256": self.stream.meta.get("tokenizer_sha256"),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken (any global batch or number of ranks)."""
-        for key in ("split", "seed", "seq_len", "tokens"):
+        for key in ("split", "seed", "seq_len", "tokens", "tokenizer_sha256"):
+            if key not in state and key == "tokenizer_sha256":  # saved before it was recorded
+                continue
             if state.get(key) != self.state_dict()[key]:
                 raise UserError(
                     f"the saved data-loader position is for {key}={state.get(key)!r}, but this "
