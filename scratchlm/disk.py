@@ -52,8 +52,9 @@ def open_file(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
     disk on a network filesystem may only then show."""
     with open(path, mode) as f:
         yield f
-        f.flush()
-        os.fsync(f.fileno())
+        if not f.closed:  # DCP closes (and syncs) its files itself
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def free_bytes(path: Path) -> int:

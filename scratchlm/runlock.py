@@ -30,6 +30,7 @@ from typing import Any
 from scratchlm.errors import UserError
 
 LOCK_FILE = ".lock"
+COMMAND_SHOWN = 80
 
 
 class RunLocked(UserError):
@@ -49,10 +50,10 @@ _held: dict[Path, _Held] = {}
 def _describe(info: dict[str, Any]) -> str:
     started = info.get("started")
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "?"
-    return (
-        f"PID {info.get('pid', '?')} on {info.get('host', '?')} since {since} "
-        f"({info.get('command', '?')})"
-    )
+    command = str(info.get("command", "?"))
+    if len(command) > COMMAND_SHOWN:
+        command = command[: COMMAND_SHOWN - 3] + "..."
+    return f"PID {info.get('pid', '?')} on {info.get('host', '?')} since {since} ({command})"
 
 
 def _read(fd: int) -> dict[str, Any]:

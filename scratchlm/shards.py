@@ -389,15 +389,11 @@ def open_split(tokens_dir: Path, meta: dict, split: str) -> list[np.ndarray]:
         if not path.is_file():
             raise UserError(f"token shard {path} is missing; {rerun}")
         size = path.stat().st_size
-        if size < expected:
-            raise UserError(
-                f"token shard {path} is truncated: {size} bytes, but meta.json lists "
-                f"{shard['tokens']} tokens ({expected} bytes); {rerun}"
-            )
         if size != expected:
+            how = "the shard is truncated" if size < expected else "the shard is longer"
             raise UserError(
                 f"token shard {path} has {size} bytes, but meta.json lists {shard['tokens']} "
-                f"tokens ({expected} bytes): meta.json does not match the shards; {rerun}"
+                f"tokens ({expected} bytes): {how}, or meta.json is not its own; {rerun}"
             )
         part = np.memmap(path, dtype=dtype, mode="r") if size else np.empty(0, dtype)
         if len(part) and "eos_id" in meta and int(part[-1]) != meta["eos_id"]:

@@ -36,7 +36,7 @@ from scratchlm.errors import UserError
 MODEL_FILE = "model.safetensors"
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
-SMALL_FILES_BYTES = 1 << 20
+SMALL_FILES_BYTES = 1 << 16
 RESUME = "continue with --resume"
 
 Part = tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]
