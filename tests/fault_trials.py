@@ -8,6 +8,7 @@ marker) and bench/faults.py, which prints the table of all of them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from scratchlm.train.checkpoint import load_checkpoint
 from scratchlm.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,10 +71,6 @@ class Reference:
     """[path, offset, bytes] of every write of the uninterrupted run."""
     train_seconds: float
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(n for _, _, n in self.writes)
-
 
 def scratchlm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -96,6 +94,26 @@ def injected(flags: list[str], args: list[str]) -> subprocess.CompletedProcess:
 
 def pretrain_args(run: Path, *flags: str, extra: tuple[str, ...] = ()) -> list[str]:
     return ["pretrain", "--run-dir", str(run), *flags, *(f"--set={s}" for s in [*TRAIN, *extra])]
+
+
+def make_corpus(dst: Path, chars: int = 40_000) -> Path:
+    """A run folder with curated TinyStories documents, a tokenizer and token shards."""
+    import gzip
+
+    from scratchlm.config import load_recipe
+    from scratchlm.documents import write_documents
+    from scratchlm.pipeline import run_tokenize, run_tokenizer
+
+    with gzip.open(ROOT / "data/tinystories/tinystories_train_head_lowercase.txt.gz", "rt") as f:
+        stories = [s for s in f.read(chars).split("\n") if s.strip()]
+    write_documents(
+        dst / "curated" / "part-00000.jsonl.zst",
+        ({"id": f"s{i}", "text": s, "meta": {}} for i, s in enumerate(stories)),
+    )
+    recipe = load_recipe(None, TRAIN)
+    run_tokenizer(recipe, dst)
+    run_tokenize(recipe, dst)
+    return dst
 
 
 def copy_corpus(corpus: Path, dst: Path) -> Path:
@@ -129,7 +147,9 @@ def _tensors_equal(a: object, b: object) -> bool:
         return isinstance(b, torch.Tensor) and torch.equal(a, b)
     if isinstance(a, dict):
         return (
-            isinstance(b, dict) and a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
+            isinstance(b, dict)
+            and a.keys() == b.keys()
+            and all(_tensors_equal(a[k], b[k]) for k in a)
         )
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b, strict=True))
@@ -143,9 +163,10 @@ def leftovers(run: Path) -> list[str]:
     return sorted(str(p.relative_to(run)) for p in found)
 
 
-def differences(run: Path, ref: Path) -> str:
+def differences(run: Path, ref: Path, all_checkpoints: bool = True) -> str:
     """'' when `run` ended exactly as `ref`: the same loss and validation rows, each step once,
-    the same checkpoints (weights, optimizer moments, trainer state) and nothing left over."""
+    the same checkpoints (or, all_checkpoints=False, the same last one: weights, optimizer
+    moments, trainer state) and nothing left over."""
     rows, want = (read_metrics(r / "metrics.jsonl") for r in (run, ref))
     keys = ("step", "loss", "val_loss", "val_bpb")
     got_rows = [{k: r[k] for k in keys if k in r} for r in rows if r.get("stage") == "pretrain"]
@@ -153,15 +174,22 @@ def differences(run: Path, ref: Path) -> str:
     if got_rows != want_rows:
         return f"metrics differ: {got_rows} != {want_rows}"
     names = sorted(p.name for p in (run / "pretrain").glob("step-*"))
-    if names != sorted(p.name for p in (ref / "pretrain").glob("step-*")):
+    want_names = sorted(p.name for p in (ref / "pretrain").glob("step-*"))
+    if not all_checkpoints:
+        names, want_names = names[-1:], want_names[-1:]
+    if names != want_names:
         return f"checkpoints differ: {names}"
     if (run / "pretrain/latest").resolve().name != names[-1]:
         return "latest does not point at the newest checkpoint"
     for name in names:
         a, b = run / "pretrain" / name, ref / "pretrain" / name
-        if not _tensors_equal(load_file(a / "model.safetensors"), load_file(b / "model.safetensors")):
+        weights = [load_checkpoint(c).tensors for c in (a, b)]  # sharded ones consolidated
+        if not _tensors_equal(*weights):
             return f"{name}: weights differ"
-        opt = [torch.load(c / "optimizer.pt", weights_only=True) for c in (a, b)]
+        if (a / "optimizer.pt").exists():
+            opt = [torch.load(c / "optimizer.pt", weights_only=True) for c in (a, b)]
+        else:  # sharded: each rank's file of parameters and optimizer moments
+            opt = [[p.read_bytes() for p in sorted(c.glob("*.distcp"))] for c in (a, b)]
         if not _tensors_equal(*opt):
             return f"{name}: optimizer state differs"
         states = [json.loads((c / "trainer_state.json").read_text()) for c in (a, b)]
@@ -180,13 +208,33 @@ def _resume(run: Path) -> tuple[subprocess.CompletedProcess, str]:
     return proc, ""
 
 
+def _file_name(ref: Reference, path: str) -> str:
+    """A written file's path in the run folder, without the writer's PID."""
+    return re.sub(r"-\d+(?=/|$)", "", os.path.relpath(path, ref.run))
+
+
 def _write_at(ref: Reference, offset: int) -> str:
     """The file the reference run was writing at byte `offset` of all its writes."""
     for path, start, n in ref.writes:
         if start <= offset < start + n:
-            rel = os.path.relpath(path, ref.run)
-            return re.sub(r"-\d+(?=/|$)", "", rel)  # without the writer's PID
+            return _file_name(ref, path)
     return "after the last write"
+
+
+def _random_byte(ref: Reference, rng: random.Random) -> int:
+    """A byte of the run's writes: a file picked at random (so that the small ones, a metrics
+    row, a manifest, are hit as often as the large), then a byte of it."""
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for path, start, n in ref.writes:
+        if n:
+            by_file.setdefault(_file_name(ref, path), []).append((start, n))
+    ranges = by_file[rng.choice(sorted(by_file))]
+    offset = rng.randrange(sum(n for _, n in ranges))
+    for start, n in ranges:
+        if offset < n:
+            return start + offset
+        offset -= n
+    raise AssertionError("unreachable")
 
 
 def kill_trial(corpus: Path, ref: Reference, dst: Path, rng: random.Random, by: str) -> Trial:
@@ -199,7 +247,7 @@ def kill_trial(corpus: Path, ref: Reference, dst: Path, rng: random.Random, by: 
             at = rng.uniform(0, ref.train_seconds) / 2**attempt
             flags, point = ["--kill-at-seconds", f"{at:.3f}"], f"{at:.2f} s into training"
         else:
-            at = rng.randrange(ref.total_bytes)
+            at = _random_byte(ref, rng)
             flags, point = ["--kill-after", str(at)], f"writing {_write_at(ref, at)}"
         killed = injected(flags, pretrain_args(run))
         if killed.returncode == -signal.SIGKILL:
@@ -219,7 +267,7 @@ def disk_full_trial(corpus: Path, ref: Reference, dst: Path, rng: random.Random)
     """The disk fills up at a random byte of everything the run writes; the run must stop with one
     line and no partial file, and `--resume` once there is space must end as the reference."""
     run = copy_corpus(corpus, dst)
-    at = rng.randrange(ref.total_bytes)
+    at = _random_byte(ref, rng)
     point = f"writing {_write_at(ref, at)}"
     proc = injected(["--enospc-after", str(at)], pretrain_args(run))
     line = seen_line(proc)
@@ -377,3 +425,134 @@ def out_of_memory_trial(corpus: Path, ref: Reference, dst: Path) -> Trial:
         problems.append(problem or differences(run, ref.run))
     problem = "; ".join(p for p in problems if p)
     return Trial("out of memory", "step 5", not problem, line, problem)
+
+
+DAMAGES = ["truncated shard", "meta.json off", "zeroed tail", "tokenizer changed"]
+
+
+def run_all(
+    corpus: Path, workdir: Path, kills: int = 20, disk_fulls: int = 10, seed: int = 0, say=print
+) -> list[Trial]:
+    """Every training fault: SIGKILL `kills` times (half at random moments of the training loop,
+    half at random bytes of what it writes), a full disk `disk_fulls` times, a double launch,
+    each damage to the tokens folder, non-finite losses under both policies, out of memory."""
+    rng = random.Random(seed)
+    ref = reference(corpus, workdir / "reference")
+    trials: list[Trial] = []
+
+    def add(trial: Trial) -> None:
+        say(f"{trial.fault:>30} | {trial.point:<52} | {'ok' if trial.recovered else 'FAILED'}")
+        trials.append(trial)
+
+    for i in range(kills):
+        add(kill_trial(corpus, ref, workdir / f"kill-{i}", rng, "time" if i % 2 else "bytes"))
+    for i in range(disk_fulls):
+        add(disk_full_trial(corpus, ref, workdir / f"full-{i}", rng))
+    add(double_launch_trial(corpus, workdir / "double"))
+    for i, damage in enumerate(DAMAGES):
+        add(damaged_data_trial(corpus, ref, workdir / f"damage-{i}", damage))
+    add(nonfinite_trial(corpus, ref, workdir / "nan-stop", "stop", "5"))
+    add(nonfinite_trial(corpus, ref, workdir / "nan-skip", "skip", "3"))
+    add(nonfinite_trial(corpus, ref, workdir / "nan-limit", "skip", "3,4,5"))
+    add(out_of_memory_trial(corpus, ref, workdir / "oom"))
+    try:
+        for trial in tmpfs_trials(corpus, ref, workdir):
+            add(trial)
+    except Unavailable as e:
+        say(f"skipped the real tmpfs trials: {e}")
+    return trials
+
+
+def table(trials: list[Trial], workdir: Path) -> str:
+    """One row per fault: trials, how many recovered, and the line the user saw (the first), with
+    the trials' run folders written RUN."""
+    rows: dict[str, list[Trial]] = {}
+    for trial in trials:
+        rows.setdefault(trial.fault, []).append(trial)
+    lines = [
+        "| fault | trials | recovered | what the user saw |",
+        "|---|---:|---:|---|",
+    ]
+    for fault, group in rows.items():
+        recovered = sum(t.recovered for t in group)
+        seen = next((t.seen for t in group if t.seen), "")
+        seen = re.sub(re.escape(str(workdir)) + r"/[^/\s]+(/run)?", "RUN", seen)
+        lines.append(f"| {fault} | {len(group)} | {recovered} | `` {seen} `` |")
+    return "\n".join(lines)
+
+
+class Unavailable(Exception):
+    """A fault this machine cannot stage (mounting a tmpfs needs root)."""
+
+
+PAGE = 4096
+
+
+def _pages(path: Path) -> int:
+    """Bytes the files under `path` take on a tmpfs (whole pages)."""
+    files = [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    return sum(-(-p.stat().st_size // PAGE) * PAGE for p in files)
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, size: int):
+    """A real tmpfs of `size` bytes at `mount_point`; yields a function that resizes it."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise Unavailable(f"mount -t tmpfs: {done.stderr.strip() or 'not allowed here'}")
+
+    def resize(new_size: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={new_size}", str(mount_point)], check=True)
+
+    try:
+        yield resize
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def tmpfs_trials(corpus: Path, ref: Reference, workdir: Path) -> list[Trial]:
+    """The run folder on a real small tmpfs (as root). (a) keep_checkpoints=1 and room for one
+    checkpoint and a half: step 2 fits, step 4 is refused before it is written; the tmpfs is then
+    enlarged and --resume must end as the reference. (b) keep_checkpoints=2 and room for two and
+    a half: the oldest checkpoint goes first, with a note, and the run ends as the reference."""
+    checkpoint = _pages(ref.run / "pretrain" / "step-000008")
+    base = _pages(ref.run) - _pages(ref.run / "pretrain") + 4 * PAGE
+    trials = []
+    for keep, room, fault in [
+        (1, 1.5, "disk full, real tmpfs"),
+        (2, 2.5, "disk full, real tmpfs, keep=2"),
+    ]:
+        size = base + int(room * checkpoint) + 8 * PAGE
+        with tmpfs(workdir / f"tmpfs-keep{keep}", size) as resize:
+            run = copy_corpus(corpus, workdir / f"tmpfs-keep{keep}" / "run")
+            keep_set = (f"pretrain.keep_checkpoints={keep}",)
+            first = scratchlm(*pretrain_args(run, extra=keep_set))
+            point = f"a {size / 2**20:.2f} MiB tmpfs, checkpoints of {checkpoint / 2**20:.2f} MiB"
+            problems = []
+            if keep == 1:
+                line = seen_line(first)
+                if first.returncode != 1 or not line.startswith(
+                    "error: disk full writing checkpoint step-000004"
+                ):
+                    problems.append(f"exit {first.returncode}: {line}")
+                if left := leftovers(run):
+                    problems.append(f"left behind: {left}")
+                resize(size + 4 * checkpoint)
+                resumed = scratchlm(*pretrain_args(run, "--resume", extra=keep_set))
+                if resumed.returncode != 0:
+                    problems.append(f"the resume failed: {seen_line(resumed)}")
+            else:
+                notes = [ln for ln in first.stdout.splitlines() if ln.startswith("note: deleted")]
+                line = (notes or [seen_line(first)])[0]
+                if first.returncode != 0 or len(notes) != 2:
+                    problems.append(f"exit {first.returncode}, notes {notes}")
+            if not problems:
+                problems.append(differences(run, ref.run, all_checkpoints=keep == 2))
+        problem = "; ".join(p for p in problems if p)
+        trials.append(Trial(fault, point, not problem, line, problem))
+    return trials

@@ -61,7 +61,9 @@ def test_a_second_writer_is_refused_and_a_dead_holder_taken_over(tmp_path, capsy
     with held_by_another_process(tmp_path) as holder:
         with pytest.raises(runlock.RunLocked) as caught:
             runlock.acquire(tmp_path)
-        assert f"is in use by PID {holder.pid} on {socket.gethostname()} since " in str(caught.value)
+        assert f"is in use by PID {holder.pid} on {socket.gethostname()} since " in str(
+            caught.value
+        )
         assert "(scratchlm pretrain --run-dir " in str(caught.value)
     # Killed: the kernel dropped its flock, the file still names it.
     assert runlock.holder(tmp_path)["pid"] == holder.pid
@@ -117,7 +119,9 @@ def test_writers_stop_and_readers_go_on_beside_a_running_stage(trained_run, tmp_
         out = tmp_path / "hf"
         export = run_cli("export", str(trained_run), "--format", "hf", "--out", str(out))
         assert export.returncode == 0, export.stderr
-        generate = run_cli("generate", str(trained_run), "--prompt", "once", "--max-new-tokens", "3")
+        generate = run_cli(
+            "generate", str(trained_run), "--prompt", "once", "--max-new-tokens", "3"
+        )
         assert generate.returncode == 0, generate.stderr
 
 

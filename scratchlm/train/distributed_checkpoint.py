@@ -13,7 +13,9 @@ checkpoint. The folder is written under a temporary name and renamed, as single-
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,9 +109,16 @@ class _DiskFileSystem(FileSystem):
         if "r" in mode:
             with super().create_stream(path, mode) as stream:
                 yield stream
-        else:
-            with disk.open_file(Path(path), mode) as stream:
+            return
+        with disk.open_file(Path(path), mode) as stream:
+            try:
                 yield stream
+            except Exception as e:
+                # DCP sends each rank's error to the others pickled, which drops what it was
+                # raised from (torch.save's "unexpected pos" hides the full disk): name it.
+                if disk.is_disk_full(e) and not isinstance(e, OSError):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+                raise
 
 
 def _writer(path: Path) -> dcp.FileSystemWriter:
