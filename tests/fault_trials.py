@@ -464,20 +464,27 @@ def run_all(
 
 
 def table(trials: list[Trial], workdir: Path) -> str:
-    """One row per fault: trials, how many recovered, and the line the user saw (the first), with
-    the trials' run folders written RUN."""
+    """One row per fault: trials, how many recovered, where the faults struck, and the line the
+    user saw (the first trial's), with the trials' run folders written RUN."""
     rows: dict[str, list[Trial]] = {}
     for trial in trials:
         rows.setdefault(trial.fault, []).append(trial)
     lines = [
-        "| fault | trials | recovered | what the user saw |",
-        "|---|---:|---:|---|",
+        "| fault | trials | recovered | where it struck | what the user saw |",
+        "|---|---:|---:|---|---|",
     ]
     for fault, group in rows.items():
         recovered = sum(t.recovered for t in group)
+        points = [t.point for t in group]
+        timed = sum(p.endswith("into training") for p in points)
+        written = [p.removeprefix("writing ") for p in points if p.startswith("writing ")]
+        files = sorted({p.split("/")[-1].removeprefix(".tmp-") for p in written})
+        where = [f"{timed} at random moments of training"] if timed else []
+        where += [f"{len(points) - timed} inside writes of {', '.join(files)}"] if files else []
         seen = next((t.seen for t in group if t.seen), "")
         seen = re.sub(re.escape(str(workdir)) + r"/[^/\s]+(/run)?", "RUN", seen)
-        lines.append(f"| {fault} | {len(group)} | {recovered} | `` {seen} `` |")
+        shown = "; ".join(where) or points[0]
+        lines.append(f"| {fault} | {len(group)} | {recovered} | {shown} | `` {seen} `` |")
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from scratchlm.train.metrics import read_metrics
 CFG = dict(vocab_size=50, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=8)
 
 
-def run_stage(run_dir, nan_at=(), critic_nan_at=(), oom_at=None, **overrides):
+def run_stage(run_dir, nan_at=(), critic_nan_at=(), oom_at=None, resume=False, **overrides):
     """A policy and a critic trained side by side for 6 steps, a checkpoint every step; the
     policy's loss is NaN at the steps in `nan_at`, the critic's at `critic_nan_at`."""
     cfg = TrainConfig(
@@ -33,7 +33,7 @@ def run_stage(run_dir, nan_at=(), critic_nan_at=(), oom_at=None, **overrides):
             **overrides,
         }
     )
-    session = Session("toy", run_dir, cfg, ParallelConfig(), progress=False)
+    session = Session("toy", run_dir, cfg, ParallelConfig(), resume=resume, progress=False)
     batch = session.batch_layout(4, cfg.micro_batch_size)
     policy = session.trainer(Transformer(ModelConfig(**CFG)), batch)
     critic = session.trainer(Transformer(ModelConfig(**CFG, head="scalar")), batch, name="critic")
@@ -53,7 +53,7 @@ def run_stage(run_dir, nan_at=(), critic_nan_at=(), oom_at=None, **overrides):
         tokens = torch.randint(0, 50, (4, 9), generator=generator)
         return {**policy.step(tokens, lm), "value_loss": critic.step(tokens, value)["loss"]}
 
-    return session.run(step, lambda: {}, {})
+    return session.run(step, lambda: {"val_loss": 1.0}, {})
 
 
 def _weights(run_dir, step, part="model"):
@@ -130,3 +130,13 @@ def test_skip_under_deepspeed_is_refused_up_front(tmp_path):
     cfg = TrainConfig(on_nonfinite="skip", device="cpu")
     with pytest.raises(UserError, match="on_nonfinite='skip' needs the update held back"):
         Session("toy", tmp_path, cfg, ParallelConfig(engine="deepspeed"))
+
+
+def test_a_finished_run_resumed_logs_its_final_evaluation_once(tmp_path):
+    run_stage(tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows if "val_loss" in r] == [6]
+    # Killed after its last checkpoint: the resume has nothing to train and evaluates again.
+    run_stage(tmp_path, resume=True)
+    assert read_metrics(tmp_path / "metrics.jsonl")[:-1] == rows[:-1]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "val_loss" in r] == [6]

@@ -3,7 +3,7 @@ gone (tests/fault_trials.py): SIGKILL at random moments and inside random writes
 fills up part-way, a double launch, damaged token shards, non-finite losses, out of memory.
 
 `make test` runs a few; the slow test runs the full count (20 kills, 10 full disks, ...) and
-prints the table of docs/pretrain.md (also printed by `python bench/faults.py`).
+prints the table of docs/faults.md (also printed by `python bench/faults.py`).
 """
 
 import random

@@ -251,7 +251,15 @@ class Session:
         elif resume:
             self.say(f"{stage}: no checkpoint in {self.stage_dir} to resume from; starting at 0")
         if self.dist.is_main:  # rows logged after the checkpoint (or with no checkpoint) go
-            drop_rows(run_dir / "metrics.jsonl", stage, after_step=self.step if resume else -1)
+            finished = self.step >= cfg.max_steps or (
+                cfg.max_seconds and self.elapsed_before >= cfg.max_seconds
+            )
+            drop_rows(
+                run_dir / "metrics.jsonl",
+                stage,
+                after_step=self.step if resume else -1,
+                evaluation_too=bool(self.restored and finished),
+            )
 
     def close(self) -> None:
         """Let go of the run lock (the end of `run` does it)."""

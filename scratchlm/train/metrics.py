@@ -50,15 +50,23 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def drop_rows(path: Path, stage: str, after_step: int = -1) -> None:
-    """Remove a stage's rows past a step: a fresh start (-1) or a resume must not log twice.
-    A line cut short by a killed process goes too, so the next row starts on a line of its own.
-    The file is replaced in one step: a crash meanwhile leaves the old one."""
+def drop_rows(path: Path, stage: str, after_step: int = -1, evaluation_too: bool = False) -> None:
+    """Remove a stage's rows past a step: a fresh start (-1) or a resume must not log twice;
+    with `evaluation_too`, also the evaluation rows at that step (a finished run resumed
+    evaluates again). A line cut short by a killed process goes too, so the next row starts on a
+    line of its own. The file is replaced in one step: a crash meanwhile leaves the old one."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
     rows = read_metrics(path)
-    kept = [r for r in rows if not (r.get("stage") == stage and r.get("step", 0) > after_step)]
+
+    def dropped(r: dict[str, Any]) -> bool:
+        if r.get("stage") != stage:
+            return False
+        step = r.get("step", 0)
+        return step > after_step or (evaluation_too and step == after_step and "loss" not in r)
+
+    kept = [r for r in rows if not dropped(r)]
     if len(kept) != len(lines) or (lines and not lines[-1].endswith("\n")):
         data = "".join(json.dumps(r) + "\n" for r in kept).encode()
         disk.write_atomic(path, data, what=path.name)
