@@ -15,7 +15,7 @@ from scratchlm.config import Recipe
 from scratchlm.errors import UserError
 from scratchlm.evaluate.bpb import evaluate_bpb
 from scratchlm.model import ModelConfig, Transformer, cross_entropy_loss
-from scratchlm.shards import TokenLoader, read_meta
+from scratchlm.shards import TokenLoader, check_tokenizer, read_meta
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.loop import Session
 
@@ -62,6 +62,7 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
     tokens_dir = run_dir / "tokens"
     meta = read_meta(tokens_dir)
     tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+    check_tokenizer(meta, tokenizer)
     session = Session("pretrain", run_dir, cfg, recipe.parallel, resume, progress)
     model = initial_model(recipe, session.say)
     model_cfg = model.config
@@ -89,7 +90,6 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
         dp_rank=session.dist.dp_rank,
         dp_size=session.dist.dp_size,
         seed=cfg.seed,
-        tokenizer=tokenizer,
     )
     flops_per_token, n_params = model.flops_per_token(seq), model.num_params()
     trainer = session.trainer(model, batch, pipeline_loss=cross_entropy_loss)
