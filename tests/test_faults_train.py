@@ -119,7 +119,7 @@ def test_out_of_memory_is_one_line(tmp_path):
     with pytest.raises(RunFault) as caught:
         run_stage(tmp_path, oom_at=3)
     assert str(caught.value) == (
-        "toy: out of memory on cpu at step 3 (micro-batches of 2 rows); lower "
+        "toy: out of memory on cpu after step 2 (micro-batches of 2 rows); lower "
         "toy.micro_batch_size (more micro-batches are accumulated, so the step stays the same) "
         "or set parallel.activation_checkpointing=true"
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,18 +116,21 @@ def nonfinite_updates(trainers: Iterable[Any], metrics: dict[str, float]) -> dic
 
 
 @contextlib.contextmanager
-def out_of_memory(stage: str, device: torch.device, micro: int, step: Callable[[], int]):
-    """CUDA out of memory (inside the block) as one line saying what to lower."""
+def out_of_memory(session: Any) -> Iterator[None]:
+    """CUDA out of memory inside the block (a session's steps and evaluations) as one line
+    saying what to lower."""
     try:
         yield
     except torch.OutOfMemoryError:
+        stage, device = session.stage, session.runtime.device
+        micro = next(iter(session.trainers.values())).micro if session.trainers else 0
         use = ""
         if device.type == "cuda":
             total = torch.cuda.get_device_properties(device).total_memory
             peak = torch.cuda.max_memory_allocated(device)
             use = f", {disk.format_bytes(peak)} allocated at peak of {disk.format_bytes(total)}"
         raise RunFault(
-            f"{stage}: out of memory on {device} at step {step()} (micro-batches of {micro} "
-            f"rows{use}); lower {stage}.micro_batch_size (more micro-batches are accumulated, so "
-            "the step stays the same) or set parallel.activation_checkpointing=true"
+            f"{stage}: out of memory on {device} after step {session.step} (micro-batches of "
+            f"{micro} rows{use}); lower {stage}.micro_batch_size (more micro-batches are "
+            "accumulated, so the step stays the same) or set parallel.activation_checkpointing=true"
         ) from None

@@ -9,7 +9,9 @@ the same way for every stage:
 - micro-batches and gradient accumulation, clipping, the optimizer and its schedule, compile;
 - the time budget, the progress bar and metrics.jsonl, every row tagged with its stage;
 - atomic checkpoints that resume exactly (weights, optimizer moments, schedule position, data
-  position, RNG states), and SIGINT/SIGTERM, which finish the step and save before stopping.
+  position, RNG states), and SIGINT/SIGTERM, which finish the step and save before stopping;
+- the faults of a long run (train/faults.py): the run folder's lock, a full disk, a non-finite
+  loss (on_nonfinite = "stop" | "skip"), running out of GPU memory, each one line.
 
 A stage that trains one model reads:
 
@@ -250,16 +252,11 @@ class Session:
             self.say(f"{stage}: resumed from {self.restored.path} at step {self.step}")
         elif resume:
             self.say(f"{stage}: no checkpoint in {self.stage_dir} to resume from; starting at 0")
-        if self.dist.is_main:  # rows logged after the checkpoint (or with no checkpoint) go
-            finished = self.step >= cfg.max_steps or (
-                cfg.max_seconds and self.elapsed_before >= cfg.max_seconds
-            )
-            drop_rows(
-                run_dir / "metrics.jsonl",
-                stage,
-                after_step=self.step if resume else -1,
-                evaluation_too=bool(self.restored and finished),
-            )
+        if self.dist.is_main:  # rows logged after the checkpoint (or with no checkpoint) go;
+            # a finished run resumed evaluates again, so its last evaluation goes too
+            done = self.step >= cfg.max_steps or 0 < cfg.max_seconds <= self.elapsed_before
+            after = self.step if resume else -1
+            drop_rows(run_dir / "metrics.jsonl", stage, after, bool(self.restored and done))
 
     def close(self) -> None:
         """Let go of the run lock (the end of `run` does it)."""
@@ -410,11 +407,7 @@ class Session:
         for trainer in self.trainers.values():
             trainer.model.train()
         try:
-            micro = next(iter(self.trainers.values())).micro if self.trainers else 0
-            out_of_memory = faults.out_of_memory(
-                self.stage, self.runtime.device, micro, lambda: self.step + 1
-            )
-            with StopSignals() as stop, out_of_memory:
+            with StopSignals() as stop, faults.out_of_memory(self):
                 while self.step < cfg.max_steps:
                     t0 = time.time()
                     # With a time budget, rank 0's clock drives the schedule and the stop.
