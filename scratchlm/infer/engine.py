@@ -144,6 +144,18 @@ class Engine:
         on_update: Callable[[Request], None] | None = None,
     ) -> Request:
         """Queue a request; it joins the batch at a coming step. Bad settings raise UserError."""
+        request = self.make_request(prompt_ids, params, on_update)
+        self.waiting.append(request)
+        return request
+
+    def make_request(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        on_update: Callable[[Request], None] | None = None,
+    ) -> Request:
+        """A checked request, not yet queued (this touches no engine state: any thread may call
+        it)."""
         params = params or SamplingParams()
         params.check()
         prompt = [int(t) for t in prompt_ids]
@@ -170,7 +182,6 @@ class Engine:
                 request.prompt_top_logprobs = [None] * len(prompt)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         request.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.waiting.append(request)
         return request
 
     def abort(self, request: Request) -> None:
@@ -304,7 +315,7 @@ class Engine:
         params = r.params
         if token in params.stop_token_ids:
             if params.include_stop_token:
-                r.token_ids.append(token)
+                r.token_ids.append(token)  # r.text is unchanged: stop tokens are special
             elif r.logprobs is not None:  # the stop token is not output: neither its logprob
                 r.logprobs.pop()
                 if r.top_logprobs is not None:
@@ -313,13 +324,13 @@ class Engine:
             return
         r.token_ids.append(token)
         if self.tokenizer is not None:
-            r.text = self.tokenizer.decode(r.token_ids, skip_special=True)
-            for stop in params.stop:
-                cut = r.text.find(stop)
-                if cut >= 0:
-                    r.text = r.text[:cut]
-                    self._finish(r, "stop")
-                    return
+            # Other threads may read r.text at any time: it only ever holds text to show.
+            text = self.tokenizer.decode(r.token_ids, skip_special=True)
+            cuts = [i for i in (text.find(stop) for stop in params.stop) if i >= 0]
+            r.text = text[: min(cuts)] if cuts else text
+            if cuts:
+                self._finish(r, "stop")
+                return
         if len(r.token_ids) >= params.max_tokens or len(r.all_ids) >= self.context:
             self._finish(r, "length")
 
