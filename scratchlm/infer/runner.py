@@ -33,6 +33,8 @@ class EngineThread:
         self.submitted_at: dict[int, float] = {}
         self.on_first_token: Callable[[float], None] | None = None
         """Called (on the engine thread) with each request's seconds to its first token."""
+        self.on_finished: Callable[[Request], None] | None = None
+        """Called (on the engine thread) with each request that ends, aborted ones too."""
 
     def start(self) -> None:
         self._thread.start()
@@ -87,6 +89,7 @@ class EngineThread:
             for request in cancelled:
                 if not request.finished:
                     engine.abort(request)
+                    self._count(request)
                     self._notify(request)
             try:
                 updated = engine.step()
@@ -95,6 +98,7 @@ class EngineThread:
                 for request in [*engine.running, *engine.waiting]:
                     engine.abort(request)
                     request.finish_reason = "error"
+                    self._count(request)
                     self._notify(request)
                 continue
             for request in updated:
@@ -107,6 +111,8 @@ class EngineThread:
             del self.submitted_at[request.id]
         if request.finished:
             self.submitted_at.pop(request.id, None)
+            if self.on_finished is not None:
+                self.on_finished(request)
 
     @staticmethod
     def _notify(request: Request) -> None:

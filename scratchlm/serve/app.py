@@ -158,6 +158,7 @@ def create_app(
     metrics = Metrics()
     with_specials = HFTokenizer.from_file(str(tokenizer.path))
     runner.on_first_token = metrics.time_to_first_token
+    runner.on_finished = metrics.finished_request
     context = runner.engine.context
 
     @asynccontextmanager

@@ -23,11 +23,11 @@ class Metrics:
         with self._lock:
             self.requests[(route, status)] += 1
 
-    def tokens(self, prompt: int, generated: int, finish_reason: str | None) -> None:
+    def finished_request(self, request) -> None:
         with self._lock:
-            self.prompt_tokens += prompt
-            self.generated_tokens += generated
-            self.finished[finish_reason or "none"] += 1
+            self.prompt_tokens += len(request.prompt_ids)
+            self.generated_tokens += len(request.token_ids)
+            self.finished[request.finish_reason] += 1
 
     def time_to_first_token(self, seconds: float) -> None:
         with self._lock:

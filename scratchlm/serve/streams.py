@@ -32,7 +32,6 @@ class Generation:
         self.prompt_tokens = 0
         self._loop = asyncio.get_running_loop()
         self._changed: asyncio.Queue[int] = asyncio.Queue()
-        self._counted: set[int] = set()
 
     def submit(self, ids: list[int], params: dict, prompt_text: str | None) -> None:
         index = len(self.requests)
@@ -50,12 +49,6 @@ class Generation:
             if not r.finished:
                 self.runner.cancel(r)
 
-    def _count(self, index: int) -> None:
-        if index not in self._counted:
-            self._counted.add(index)
-            r = self.requests[index]
-            self.metrics.tokens(len(r.prompt_ids), len(r.token_ids), r.finish_reason)
-
     async def _next_change(self, http: HttpRequest) -> int | None:
         """The index of a request that changed; None when the client has gone away."""
         while True:
@@ -72,8 +65,6 @@ class Generation:
                     return None
         finally:
             self.cancel()
-            for i in range(len(self.requests)):
-                self._count(i)
         return True
 
     # -- whole responses -------------------------------------------------------------------------
@@ -133,7 +124,6 @@ class Generation:
                     sent[index] = max(sent[index], len(text))
                 if reason is not None:
                     done[index] = True
-                    self._count(index)
         finally:
             self.cancel()
 
