@@ -24,20 +24,6 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {payload}\n\n"
 
 
-def streamable_text(text: str, stops: list[str], finished: bool) -> str:
-    """The part of the text so far that can be sent and never needs taking back: without a
-    character still missing bytes (U+FFFD at the end) or a tail that may begin a stop string."""
-    if finished:
-        return text
-    text = text.rstrip("\ufffd")
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                text = text[:-n]
-                break
-    return text
-
-
 def usage(prompt_tokens: int, requests: list[Request]) -> dict[str, int]:
     completion = sum(len(r.token_ids) for r in requests)
     return {

@@ -15,6 +15,7 @@ from fastapi import Request as HttpRequest
 from scratchlm.infer.engine import Request
 from scratchlm.infer.runner import EngineThread
 from scratchlm.infer.sampling import SamplingParams
+from scratchlm.infer.stream import streamable_text
 from scratchlm.serve import responses as out
 from scratchlm.serve.metrics import Metrics
 from scratchlm.tokenizer import Tokenizer
@@ -118,7 +119,7 @@ class Generation:
                     continue
                 r = self.requests[index]
                 reason = r.finish_reason
-                text = out.streamable_text(r.text, self.stops, reason is not None)
+                text = streamable_text(r.text, self.stops, reason is not None)
                 if len(text) > sent[index] or reason is not None:
                     yield index, text[sent[index] :], len(r.token_ids), reason
                     sent[index] = max(sent[index], len(text))
