@@ -4,13 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # CPU build of torch; GPU users install their torch first and run `make setup TORCH=`.
 TORCH ?= torch==2.13.0
+# What the tests use: the server (serve), GGUF files (gguf) and lm-evaluation-harness (eval).
+EXTRAS := dev,serve,gguf,eval
 
 .PHONY: setup demo test test-slow lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH) -e '.[dev]'
+	$(PY) -m pip install -q $(TORCH) -e '.[$(EXTRAS)]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -21,9 +23,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -n 2
 
-# The slow tests include DeepSpeed, an optional extra.
+# The slow tests include DeepSpeed and llama.cpp (llama-cpp-python builds from source, about
+# 6.5 minutes on 2 cores the first time), optional extras.
 $(VENV)/.installed-deepspeed: $(VENV)/.installed
-	$(PY) -m pip install -q $(TORCH) -e '.[dev,deepspeed]'
+	$(PY) -m pip install -q $(TORCH) -e '.[$(EXTRAS),deepspeed,llamacpp]'
 	touch $@
 
 test-slow: $(VENV)/.installed-deepspeed

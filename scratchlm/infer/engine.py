@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import torch
 
 from scratchlm.errors import UserError
+from scratchlm.infer.fast_forward import InferenceForward
 from scratchlm.infer.kv_cache import PagedKVCache, PagedStep, plan_step
 from scratchlm.infer.sampling import SamplingParams, sample_rows, token_logprobs
 from scratchlm.model import Transformer
@@ -130,6 +131,7 @@ class Engine:
             device=self.device,
             dtype=weight.dtype,
         )
+        self.fast_forward = InferenceForward.for_model(model)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
@@ -252,8 +254,11 @@ class Engine:
         device = self.device
         token_tensor = torch.tensor(tokens, device=device).view(-1, 1)
         position_tensor = torch.tensor(positions, device=device).view(-1, 1)
-        logits = self.model(token_tensor, context=PagedStep(self.cache, plan, position_tensor))
-        logits = logits[:, 0]
+        context = PagedStep(self.cache, plan, position_tensor)
+        if self.fast_forward is not None:
+            logits = self.fast_forward(token_tensor, context)[:, 0]
+        else:
+            logits = self.model(token_tensor, context=context)[:, 0]
         self.steps += 1
 
         sampling: list[tuple[Request, int]] = [(r, i) for i, r in enumerate(decode)]
