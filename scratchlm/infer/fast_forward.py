@@ -14,12 +14,17 @@ e.g. for a model whose architecture changed, a pipeline stage or a scalar head.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
 from scratchlm.model import AttentionContext, Transformer
 
 PROBE_TOLERANCE = 1e-4
+# The probe's verdict per model: `generate` makes an engine per call, and an architecture does not
+# change while its weights train.
+_VERDICTS: weakref.WeakKeyDictionary[Transformer, bool] = weakref.WeakKeyDictionary()
 
 
 class InferenceForward:
@@ -33,13 +38,19 @@ class InferenceForward:
         self.blocks = list(model.layers.items())
 
     @classmethod
-    @torch.inference_mode()
     def for_model(cls, model: Transformer) -> InferenceForward | None:
         """The fast pass when it computes what the model computes, else None."""
+        if model not in _VERDICTS:
+            _VERDICTS[model] = cls._agrees(model)
+        return cls(model) if _VERDICTS[model] else None
+
+    @classmethod
+    @torch.inference_mode()
+    def _agrees(cls, model: Transformer) -> bool:
         if model.tok_embeddings is None or model.norm is None or model.output is None:
-            return None
+            return False
         if model.config.head != "lm" or type(model) is not Transformer:
-            return None
+            return False
         fast = cls(model)
         device = next(model.parameters()).device
         n = min(8, model.config.max_seq_len)
@@ -48,9 +59,9 @@ class InferenceForward:
             expected = model(probe).float()
             got = fast(probe, AttentionContext(torch.arange(n, device=device))).float()
         except Exception:  # an architecture this pass does not know
-            return None
+            return False
         scale = expected.abs().max().clamp(min=1.0)
-        return fast if (got - expected).abs().max() <= PROBE_TOLERANCE * scale else None
+        return bool((got - expected).abs().max() <= PROBE_TOLERANCE * scale)
 
     def __call__(self, tokens: torch.Tensor, context: AttentionContext) -> torch.Tensor:
         """Logits [B, T, V] of tokens [B, T], as `model(tokens, context=context)`."""

@@ -292,6 +292,8 @@ def _start(runner, metrics, tokenizer, body, prompts, context, completion: bool)
         prompt_logprobs = None
         max_tokens = body.max_completion_tokens or body.max_tokens
         stop_ids = (tokenizer.end_id, tokenizer.eos_id)
+    if body.ignore_eos:
+        stop_ids = ()
     generation = Generation(runner, metrics, tokenizer, body.stop_strings())
     for ids, text in prompts:
         if any(t >= tokenizer.vocab_size for t in ids):

@@ -40,6 +40,8 @@ class _Sampling(_Strict):
     user: str | None = Field(None, max_length=256)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    """vLLM's extension: generate max_tokens tokens whatever the model writes (benchmarks)."""
 
     @field_validator("stop")
     @classmethod
