@@ -245,7 +245,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs = make_runs(Path(tmp), sizes)
         print(f"\nbatch-1 greedy decode, {args.tokens} new tokens (best of {rounds} rounds)")
-        print(f"{'model':>6} {'params':>8} {'scratchlm':>11} {'transformers':>13} {'ratio':>6} same")
+        print(
+            f"{'model':>6} {'params':>8} {'scratchlm':>11} {'transformers':>13} {'ratio':>6} same"
+        )
         decode = {}
         for name in sizes:
             d = decode[name] = decode_vs_transformers(runs[name], args.tokens, rounds)

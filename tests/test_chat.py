@@ -5,14 +5,14 @@ import sys
 
 import pytest
 import torch
+from tiny_run import make_run
 
 from scratchlm.infer.chat import Conversation
 from scratchlm.infer.engine import Engine
 from scratchlm.infer.sampling import SamplingParams
 from scratchlm.loading import load
-from scratchlm.train.checkpoint import load_checkpoint, model_tensors, save_checkpoint
 from scratchlm.paths import PROJECT_ROOT
-from tiny_run import make_run
+from scratchlm.train.checkpoint import load_checkpoint, model_tensors, save_checkpoint
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -20,7 +20,11 @@ pexpect = pytest.importorskip("pexpect")
 def spawn(run, *args):
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
     child = pexpect.spawn(
-        sys.executable, ["-m", "scratchlm", "chat", str(run), *args], env=env, encoding="utf-8", timeout=60
+        sys.executable,
+        ["-m", "scratchlm", "chat", str(run), *args],
+        env=env,
+        encoding="utf-8",
+        timeout=60,
     )
     child.expect("> ")
     return child

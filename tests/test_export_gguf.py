@@ -1,15 +1,15 @@
-"""GGUF export: read back with gguf's reader; llama.cpp (llama-cpp-python) runs it like scratchlm."""
+"""GGUF export: read back with gguf's reader; llama.cpp (llama-cpp-python) runs it as we do."""
 
 import numpy as np
 import pytest
 import torch
+from tiny_run import make_run
 
 from scratchlm.errors import UserError
 from scratchlm.export.gguf import export_gguf, gguf_tensors, tokenizer_pre_name
 from scratchlm.infer.generate import generate
 from scratchlm.loading import load
 from scratchlm.model import ModelConfig, Transformer
-from tiny_run import make_run
 
 gguf = pytest.importorskip("gguf")
 
@@ -47,7 +47,10 @@ def test_gguf_reads_back_with_llama_metadata_tokenizer_and_tensors(run, files):
         assert len(tokens) == model.config.vocab_size
         assert tokens[tokenizer.end_id] == "<|end|>"
         types = fields["tokenizer.ggml.token_type"]
-        assert types[tokenizer.bos_id] == gguf.TokenType.CONTROL and types[300] == gguf.TokenType.NORMAL
+        assert (
+            types[tokenizer.bos_id] == gguf.TokenType.CONTROL
+            and types[300] == gguf.TokenType.NORMAL
+        )
         assert fields["tokenizer.ggml.eot_token_id"] == tokenizer.end_id
         assert len(fields["tokenizer.ggml.merges"]) > 0
         assert "<|assistant|>" in fields["tokenizer.chat_template"]

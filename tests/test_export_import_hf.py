@@ -1,10 +1,11 @@
-"""`scratchlm import-hf`: a Hugging Face Llama in, the same logits out; import -> export -> import."""
+"""`scratchlm import-hf`: a Hugging Face Llama in, the same logits out; import, export, import."""
 
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_run import corpus
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
@@ -13,7 +14,6 @@ from scratchlm.export.hf import export_run
 from scratchlm.export.hf_import import import_hf
 from scratchlm.loading import load
 from scratchlm.tokenizer import SPECIAL_TOKENS
-from tiny_run import corpus
 
 transformers = pytest.importorskip("transformers")
 
@@ -86,9 +86,12 @@ def test_imported_llama_gives_the_same_logits(tmp_path, tie, vocab_size):
     # The model's own bos/eos keep their ids under scratchlm's names; the chat markers are new.
     assert (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
     assert all(tokenizer.special_ids[t] is not None for t in SPECIAL_TOKENS)
-    assert tokenizer.encode("the fox") == HFTokenizer.from_file(
-        str(tmp_path / "hf" / "tokenizer.json")
-    ).encode("the fox", add_special_tokens=False).ids
+    assert (
+        tokenizer.encode("the fox")
+        == HFTokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+        .encode("the fox", add_special_tokens=False)
+        .ids
+    )
     assert min(added) >= VOCAB and model.config.vocab_size == max(vocab_size, VOCAB + 5)
     mean = model.tok_embeddings.weight[:VOCAB].mean(0)
     assert torch.allclose(model.tok_embeddings.weight[added[0]], mean, atol=1e-6)

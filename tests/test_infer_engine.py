@@ -1,7 +1,8 @@
-"""The batching engine: continuous batching, paged cache, per-request sampling, log-probabilities."""
+"""The batching engine: continuous batching, paged cache, per-request sampling, logprobs."""
 
 import pytest
 import torch
+from tiny_run import make_run
 
 from scratchlm.errors import UserError
 from scratchlm.infer.engine import Engine
@@ -9,7 +10,6 @@ from scratchlm.infer.generate import generate
 from scratchlm.infer.sampling import SamplingParams
 from scratchlm.loading import load
 from scratchlm.model import ModelConfig, Transformer
-from tiny_run import make_run
 
 VOCAB = 97
 
@@ -17,7 +17,9 @@ VOCAB = 97
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128)
+    cfg = ModelConfig(
+        vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128
+    )
     return Transformer(cfg).eval()
 
 
@@ -88,7 +90,8 @@ def test_a_full_cache_makes_requests_wait_never_drops_them(model, prompts):
 
 def test_seeded_sampling_does_not_depend_on_the_batch(model, prompts):
     params = [
-        SamplingParams(max_tokens=16, temperature=0.9, top_k=20, top_p=0.9, seed=i) for i in range(6)
+        SamplingParams(max_tokens=16, temperature=0.9, top_k=20, top_p=0.9, seed=i)
+        for i in range(6)
     ]
     batched = Engine(model).generate_batch(prompts[:6], params)
     for out, p, s in zip(batched, prompts, params, strict=False):

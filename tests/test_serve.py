@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-
-from scratchlm.loading import load
 from serve_fixtures import Server
 from tiny_run import make_run
+
+from scratchlm.loading import load
 
 openai = pytest.importorskip("openai")
 KEY = "test-key"
@@ -120,7 +120,9 @@ def test_openai_client_completions_with_logprobs(client, model_and_tokenizer):
     assert len(r.choices) == 2 and all(len(c.logprobs.token_logprobs) == 5 for c in r.choices)
     stop = client.completions.create(model=MODEL, prompt=text, max_tokens=20, temperature=0)
     cut = stop.choices[0].text[2:4]
-    r = client.completions.create(model=MODEL, prompt=text, max_tokens=20, temperature=0, stop=[cut])
+    r = client.completions.create(
+        model=MODEL, prompt=text, max_tokens=20, temperature=0, stop=[cut]
+    )
     assert r.choices[0].text == stop.choices[0].text[: stop.choices[0].text.find(cut)]
     assert r.choices[0].finish_reason == "stop"
 
@@ -139,9 +141,7 @@ def test_lm_eval_local_completions_matches_in_house_scoring(server, model_and_to
         ("All: Speak,", " speak."),
         ("You are all resolved rather to die", " than to famish?"),
     ]
-    requests = [
-        Instance("loglikelihood", {}, pair, idx=i) for i, pair in enumerate(pairs)
-    ]
+    requests = [Instance("loglikelihood", {}, pair, idx=i) for i, pair in enumerate(pairs)]
     results = lm.loglikelihood(requests)
     model, tokenizer = model_and_tokenizer
     for (context, continuation), (logprob, _) in zip(pairs, results, strict=True):
@@ -261,7 +261,9 @@ def hostile_requests(url: str) -> list[dict]:
         if v.get("content") is not None and len(v["content"]) > 100_000 and i >= len(variants):
             v = {"content": b"{" * (i % 50 + 1)}  # big bodies once each, then small junk
         headers = v.pop("headers", auth)
-        out.append({"method": v.pop("method", "POST"), "url": v.pop("url", chat), "headers": headers} | v)
+        out.append(
+            {"method": v.pop("method", "POST"), "url": v.pop("url", chat), "headers": headers} | v
+        )
     return out
 
 
@@ -292,7 +294,9 @@ def stream_chat(url: str, content: str, max_tokens: int) -> str:
     }
     text, done = [], False
     headers = {"Authorization": f"Bearer {KEY}"}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
+    with httpx.stream(
+        "POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=120
+    ) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line == "data: [DONE]":
@@ -308,7 +312,12 @@ def test_32_concurrent_streams_each_get_their_text_alone(server, client):
     prompts = [f"Question number {i}: what {'is' if i % 2 else 'was'} it?" for i in range(32)]
     alone = [chat_text(client, p, 20 + i % 7) for i, p in enumerate(prompts)]
     with ThreadPoolExecutor(32) as pool:
-        together = list(pool.map(lambda a: stream_chat(server.url, *a), [(p, 20 + i % 7) for i, p in enumerate(prompts)]))
+        together = list(
+            pool.map(
+                lambda a: stream_chat(server.url, *a),
+                [(p, 20 + i % 7) for i, p in enumerate(prompts)],
+            )
+        )
     assert together == alone
 
 

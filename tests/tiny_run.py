@@ -30,7 +30,9 @@ def make_run(folder: Path, seed: int = 0, **model) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(folder)
     # Untied: a random tied model mostly repeats its last token, which makes dull test output.
-    settings = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256, tie_embeddings=False)
+    settings = dict(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256, tie_embeddings=False
+    )
     settings |= model
     cfg = ModelConfig(vocab_size=tok.vocab_size, **settings)
     torch.manual_seed(seed)

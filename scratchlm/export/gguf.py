@@ -120,7 +120,9 @@ def export_gguf(
     try:
         import gguf
     except ImportError:
-        raise UserError("GGUF export needs the gguf package: pip install 'scratchlm[gguf]'") from None
+        raise UserError(
+            "GGUF export needs the gguf package: pip install 'scratchlm[gguf]'"
+        ) from None
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     tensors = gguf_tensors(model)
@@ -167,7 +169,9 @@ def export_gguf(
     writer.add_eot_token_id(tokenizer.end_id)
     writer.add_add_bos_token(True)  # as `scratchlm generate` does
     # llama.cpp's Jinja engine knows no {% generation %} (a transformers training extension).
-    template = CHAT_TEMPLATE_JINJA.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    template = CHAT_TEMPLATE_JINJA.replace("{% generation %}", "").replace(
+        "{% endgeneration %}", ""
+    )
     writer.add_chat_template(template)
 
     for tensor_name, tensor in tensors:

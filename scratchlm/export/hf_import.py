@@ -1,4 +1,4 @@
-"""Import a Hugging Face Llama checkpoint as a scratchlm run: `scratchlm import-hf HF_DIR --run-dir DIR`.
+"""Import a Hugging Face Llama checkpoint as a run: `scratchlm import-hf HF_DIR --run-dir DIR`.
 
 Reads config.json (LlamaForCausalLM: grouped-query attention, tied or untied embeddings, rope
 theta), the safetensors weights (one file or shards with model.safetensors.index.json) and
@@ -131,7 +131,9 @@ def scratchlm_tensors(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
             f"layers.{i}.attention.wqkv.weight": qkv.reshape(-1, cfg.dim),
             f"layers.{i}.attention.wo.weight": take(f"{p}.self_attn.o_proj.weight"),
             f"layers.{i}.ffn_norm.weight": take(f"{p}.post_attention_layernorm.weight"),
-            f"layers.{i}.feed_forward.w_gate_up.weight": torch.cat([gate, up], 1).reshape(-1, cfg.dim),
+            f"layers.{i}.feed_forward.w_gate_up.weight": torch.cat([gate, up], 1).reshape(
+                -1, cfg.dim
+            ),
             f"layers.{i}.feed_forward.w_down.weight": take(f"{p}.mlp.down_proj.weight"),
         }
     out["norm.weight"] = take("model.norm.weight")

@@ -22,7 +22,9 @@ from scratchlm.infer.sampling import SamplingParams
 from scratchlm.infer.stream import streamable_text
 from scratchlm.tokenizer import Tokenizer
 
-HELP = "/system TEXT sets the system prompt, /reset starts over, /quit leaves; Ctrl-C stops an answer"
+HELP = (
+    "/system TEXT sets the system prompt, /reset starts over, /quit leaves; Ctrl-C stops an answer"
+)
 
 
 class Conversation:

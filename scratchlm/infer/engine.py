@@ -111,7 +111,8 @@ class Engine:
             raise UserError("generation needs a language model; this checkpoint has a scalar head")
         if max_batch < 1 or max_step_tokens <= max_batch:
             raise UserError(
-                f"max_batch ({max_batch}) must be >= 1 and below max_step_tokens ({max_step_tokens})"
+                f"max_batch ({max_batch}) must be >= 1 and below the tokens per step "
+                f"({max_step_tokens})"
             )
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_step_tokens = max_batch, max_step_tokens

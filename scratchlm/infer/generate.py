@@ -67,4 +67,3 @@ def _generate_uncached(model: Transformer, ids: list[int], params: SamplingParam
         ids.append(token)
         if len(ids) >= context:
             return
-

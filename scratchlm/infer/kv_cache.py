@@ -83,9 +83,7 @@ class StepPlan:
     chunks: list[tuple[int, int]]
 
 
-def plan_step(
-    decode: list[torch.Tensor], prefill: list[tuple[torch.Tensor, int]]
-) -> StepPlan:
+def plan_step(decode: list[torch.Tensor], prefill: list[tuple[torch.Tensor, int]]) -> StepPlan:
     """decode: the slots of each decoding request's context, its new token last;
     prefill: the slots of each chunk's context (cached tokens, then the chunk) and the number of
     tokens already cached."""

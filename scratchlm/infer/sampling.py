@@ -122,5 +122,7 @@ def token_logprobs(
     if top <= 0:
         return chosen, None
     values, ids = logp.topk(min(top, logp.shape[-1]), dim=-1)
-    pairs = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    pairs = [
+        list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+    ]
     return chosen, pairs

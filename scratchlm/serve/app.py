@@ -112,7 +112,9 @@ class Guard:
         headers = dict(scope["headers"])
         given = headers.get(b"authorization", b"").decode("latin-1")
         if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-            return _error(401, "missing or wrong API key", "authentication_error", None, "invalid_api_key")
+            return _error(
+                401, "missing or wrong API key", "authentication_error", None, "invalid_api_key"
+            )
         return None
 
     async def _read_body(self, scope, receive):
@@ -144,7 +146,9 @@ def _parse(raw: bytes, model: type[BaseModel]):
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        raise ApiError(400, f"{loc}: {first['msg']}" if loc else first["msg"], loc or None) from None
+        raise ApiError(
+            400, f"{loc}: {first['msg']}" if loc else first["msg"], loc or None
+        ) from None
 
 
 def create_app(
@@ -186,7 +190,12 @@ def create_app(
 
     def check_model(name: str) -> None:
         if name != model_name:
-            raise ApiError(400, f"model {name!r} not found; this server has {model_name!r}", "model", "model_not_found")
+            raise ApiError(
+                400,
+                f"model {name!r} not found; this server has {model_name!r}",
+                "model",
+                "model_not_found",
+            )
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -203,7 +212,13 @@ def create_app(
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "scratchlm", "max_model_len": context}
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "scratchlm",
+            "max_model_len": context,
+        }
         return {"object": "list", "data": [card]}
 
     @app.get("/tokenizer_info")
@@ -254,7 +269,9 @@ def create_app(
             prompt, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
         except UserError as e:
             raise ApiError(400, str(e), "messages") from None
-        generation = _start(runner, metrics, tokenizer, body, [(prompt, None)], context, completion=False)
+        generation = _start(
+            runner, metrics, tokenizer, body, [(prompt, None)], context, completion=False
+        )
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _sse(generation.stream_chat(request, model_name, include_usage))

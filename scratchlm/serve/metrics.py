@@ -59,7 +59,9 @@ class Metrics:
             lines[-2] = lines[-2].replace("gauge", "counter")
             lines += _gauge("scratchlm_queue_length", "Requests waiting for the batch.", waiting)
             lines += _gauge("scratchlm_running_requests", "Requests in the running batch.", running)
-            lines += _gauge("scratchlm_kv_cache_usage", "Share of KV cache blocks in use.", cache_usage)
+            lines += _gauge(
+                "scratchlm_kv_cache_usage", "Share of KV cache blocks in use.", cache_usage
+            )
             lines += [
                 "# HELP scratchlm_time_to_first_token_seconds From arrival to the first token.",
                 "# TYPE scratchlm_time_to_first_token_seconds histogram",

@@ -68,7 +68,9 @@ class CompletionRequest(_Sampling):
         Annotated[str, Field(max_length=1_000_000)]
         | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[list[str], Field(min_length=1, max_length=64)]
-        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=64)]
+        | Annotated[
+            list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=64)
+        ]
     )
     max_tokens: int | None = Field(16, ge=0, le=1_000_000)
     echo: bool = False

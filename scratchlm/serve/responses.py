@@ -64,7 +64,12 @@ def completion_logprobs(
         offsets.append(at)
         if not (echo and i == 0 and token == tokenizer.decode([tokenizer.bos_id])):
             at += len(token)
-    return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": chosen,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
 
 
 def _top_dict(tokenizer: Tokenizer, pairs: list[tuple[int, float]]) -> dict[str, float]:

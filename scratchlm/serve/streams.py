@@ -97,7 +97,9 @@ class Generation:
                 {
                     "index": i,
                     "message": {"role": "assistant", "content": r.text},
-                    "logprobs": out.chat_logprobs(self.tokenizer, r) if r.logprobs is not None else None,
+                    "logprobs": out.chat_logprobs(self.tokenizer, r)
+                    if r.logprobs is not None
+                    else None,
                     "finish_reason": r.finish_reason,
                 }
             )
@@ -146,21 +148,32 @@ class Generation:
                 logprobs = out.chat_logprobs(self.tokenizer, r, tokens_sent[index], n_tokens)
                 tokens_sent[index] = n_tokens
             if text or logprobs:
-                choice = {"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}
+                choice = {
+                    "index": index,
+                    "delta": {"content": text},
+                    "logprobs": logprobs,
+                    "finish_reason": None,
+                }
                 yield out.sse(body | {"choices": [choice]} | extra)
             if reason is not None:
                 choice = {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
                 yield out.sse(body | {"choices": [choice]} | extra)
         else:
             if include_usage:
-                yield out.sse(body | {"choices": [], "usage": out.usage(self.prompt_tokens, self.requests)})
+                yield out.sse(
+                    body | {"choices": [], "usage": out.usage(self.prompt_tokens, self.requests)}
+                )
             yield out.sse("[DONE]")
 
     async def stream_completion(self, http: HttpRequest, model: str, echo: bool):
         body = out.base("text_completion", out.new_id("cmpl"), model)
         if echo:
             for i, (r, text) in enumerate(zip(self.requests, self.prompt_texts, strict=True)):
-                shown = text if text is not None else self.tokenizer.decode(r.prompt_ids, skip_special=True)
+                shown = (
+                    text
+                    if text is not None
+                    else self.tokenizer.decode(r.prompt_ids, skip_special=True)
+                )
                 choice = {"index": i, "text": shown, "logprobs": None, "finish_reason": None}
                 yield out.sse(body | {"choices": [choice]})
         async for index, text, _, reason in self._deltas(http):
