@@ -116,12 +116,11 @@ def test_import_export_import_is_identical(tmp_path):
 
 def test_the_imported_run_generates_and_exports(tmp_path, cli):
     random_llama(tmp_path / "hf", tie=True)
-    r = cli("import-hf", str(tmp_path / "hf"), "--run-dir", str(tmp_path / "run"))
-    assert r.returncode == 0, r.stderr
+    import_hf(tmp_path / "hf", tmp_path / "run")
     r = cli("generate", str(tmp_path / "run"), "--prompt", "the fox", "--max-new-tokens", "5")
     assert r.returncode == 0 and r.stdout.startswith("the fox"), r.stderr
-    r = cli("export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "again"))
-    assert r.returncode == 0, r.stderr
+    out = export_run(tmp_path / "run", tmp_path / "again")
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).config.tie_word_embeddings
 
 
 def test_unsupported_or_incomplete_checkpoints_are_one_line_errors(tmp_path, cli):
