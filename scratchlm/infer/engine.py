@@ -252,28 +252,42 @@ class Engine:
             [r.slots[: r.cached + 1] for r in decode],
             [(r.slots[: r.cached + length], r.cached) for r, length in prefill],
         )
+        # The output head runs only on rows whose logits are used: decode tokens, the last token
+        # of a prompt (its first new token) and the prompts being scored.
+        rows = list(range(len(decode)))
+        row = len(decode)
+        for r, length in prefill:
+            if r.prompt_logprobs is not None:
+                rows += range(row, row + length)
+            elif r.cached + length == len(r.prompt_ids):
+                rows.append(row + length - 1)
+            row += length
+        at = {n: i for i, n in enumerate(rows)}
         device = self.device
         token_tensor = torch.tensor(tokens, device=device).view(-1, 1)
         position_tensor = torch.tensor(positions, device=device).view(-1, 1)
         context = PagedStep(self.cache, plan, position_tensor)
+        row_tensor = None if len(rows) == len(tokens) else torch.tensor(rows, device=device)
         if self.fast_forward is not None:
-            logits = self.fast_forward(token_tensor, context)[:, 0]
+            logits = self.fast_forward(token_tensor, context, row_tensor)
+            logits = logits[:, 0] if row_tensor is None else logits
         else:
             logits = self.model(token_tensor, context=context)[:, 0]
+            logits = logits if row_tensor is None else logits[row_tensor]
         self.steps += 1
 
         sampling: list[tuple[Request, int]] = [(r, i) for i, r in enumerate(decode)]
         row = len(decode)
         for r, length in prefill:
             if r.prompt_logprobs is not None:
-                self._score_prompt(r, logits[row : row + length])
+                self._score_prompt(r, logits[at[row] : at[row] + length])
             r.cached += length
             row += length
             if r.cached == len(r.prompt_ids):
                 if r.params.max_tokens == 0:
                     self._finish(r, "length")
                 else:
-                    sampling.append((r, row - 1))
+                    sampling.append((r, at[row - 1]))
         for r in decode:
             r.cached += 1
         self._sample(logits, sampling)

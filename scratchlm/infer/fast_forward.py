@@ -63,8 +63,11 @@ class InferenceForward:
         scale = expected.abs().max().clamp(min=1.0)
         return bool((got - expected).abs().max() <= PROBE_TOLERANCE * scale)
 
-    def __call__(self, tokens: torch.Tensor, context: AttentionContext) -> torch.Tensor:
-        """Logits [B, T, V] of tokens [B, T], as `model(tokens, context=context)`."""
+    def __call__(
+        self, tokens: torch.Tensor, context: AttentionContext, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [B, T, V] of tokens [B, T], as `model(tokens, context=context)`; with rows
+        (indices into the B * T positions), only those positions' logits [len(rows), V]."""
         model = self.model
         if model.rope_cos.dtype != torch.float32:
             model.init_rope()
@@ -90,6 +93,8 @@ class InferenceForward:
             gate_up = gate_up.unflatten(-1, (self.ffn_groups, 2, -1))
             hidden = F.silu(gate_up[..., 0, :]).mul_(gate_up[..., 1, :]).flatten(-2)
             h = h + F.linear(hidden, block.feed_forward.w_down.weight)
+        if rows is not None:
+            h = h.reshape(B * T, -1)[rows]
         h = F.rms_norm(h, (h.shape[-1],), model.norm.weight, self.eps)
         return F.linear(h, model.output.weight)
 
