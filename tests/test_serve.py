@@ -278,6 +278,21 @@ def test_hostile_requests_get_4xx_and_the_server_lives(server, client):
     assert len(statuses) == 1000
     assert all(400 <= s < 500 for s in statuses), sorted(set(statuses))
     assert {400, 401, 404, 405, 413} <= set(statuses)
+    # Lone surrogates are valid JSON escapes but not text: a clean 400, or read as U+FFFD.
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for route, body in [
+        (
+            "/v1/chat/completions",
+            '{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        ),
+        (
+            "/v1/completions",
+            '{"model": "tiny", "prompt": "\\udfff", "echo": true, "max_tokens": 1}',
+        ),
+        ("/tokenize", '{"prompt": "\\udfff x"}'),
+    ]:
+        status = httpx.post(server.url + route, content=body, headers=auth).status_code
+        assert status in (200, 400), (route, status)
     assert chat_text(client, "still there?", 4) is not None
     metrics = httpx.get(server.url + "/metrics", headers=server.headers).text
     assert 'scratchlm_requests_total{route="/v1/chat/completions",status="400"}' in metrics

@@ -109,9 +109,8 @@ class Guard:
         path = scope["path"]
         if not self.api_key or path in PUBLIC_PATHS or path.startswith("/static/"):
             return None
-        headers = dict(scope["headers"])
-        given = headers.get(b"authorization", b"").decode("latin-1")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
             return _error(
                 401, "missing or wrong API key", "authentication_error", None, "invalid_api_key"
             )

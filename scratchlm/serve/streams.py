@@ -8,6 +8,8 @@ is always read whole).
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from collections.abc import AsyncIterator
 
 from fastapi import Request as HttpRequest
@@ -23,6 +25,34 @@ from scratchlm.tokenizer import Tokenizer
 DISCONNECT_POLL_SECONDS = 0.5
 
 
+class _LoopWaker:
+    """Hands (queue, index) pairs from the engine thread to an event loop, waking the loop once
+    for all the requests one engine step changed rather than once per request."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, int]] = []
+
+    def __call__(self, queue: asyncio.Queue, index: int) -> None:
+        with self._lock:
+            self._pending.append((queue, index))
+            if len(self._pending) > 1:
+                return  # a flush is already on its way
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, index in pending:
+            queue.put_nowait(index)
+
+
+_wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class Generation:
     def __init__(
         self, runner: EngineThread, metrics: Metrics, tokenizer: Tokenizer, stops: list[str]
@@ -31,14 +61,17 @@ class Generation:
         self.requests: list[Request] = []
         self.prompt_texts: list[str | None] = []
         self.prompt_tokens = 0
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if loop not in _wakers:
+            _wakers[loop] = _LoopWaker(loop)
+        self._waker = _wakers[loop]
         self._changed: asyncio.Queue[int] = asyncio.Queue()
 
     def submit(self, ids: list[int], params: dict, prompt_text: str | None) -> None:
         index = len(self.requests)
 
         def wake(_: Request) -> None:
-            self._loop.call_soon_threadsafe(self._changed.put_nowait, index)
+            self._waker(self._changed, index)
 
         if not self.requests or self.requests[-1].prompt_ids != ids:
             self.prompt_tokens += len(ids)
