@@ -218,3 +218,14 @@ def test_the_fast_pass_stands_aside_for_models_it_does_not_know():
     assert InferenceForward.for_model(Changed(cfg)) is None
     scalar = ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head="scalar")
     assert InferenceForward.for_model(Transformer(scalar)) is None
+
+
+def test_a_bf16_model_runs_on_the_engine():
+    # The path GPU users take; on CPU only checked for correctness on a tiny model.
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32)
+    model = Transformer(cfg).to(torch.bfloat16).eval()
+    params = SamplingParams(max_tokens=6, temperature=0.7, seed=0, logprobs=2)
+    out = Engine(model, max_batch=4).generate_batch([[1, 2, 3], [4, 5]], params)
+    assert all(len(r.token_ids) == 6 and len(r.logprobs) == 6 for r in out)
+    assert out[0].token_ids == Engine(model).generate_batch([[1, 2, 3]], params)[0].token_ids

@@ -72,35 +72,43 @@ class InferenceForward:
         if model.rope_cos.dtype != torch.float32:
             model.init_rope()
         B, T = tokens.shape
-        hd, rep = self.head_dim, self.n_rep
-        h = F.embedding(tokens, model.tok_embeddings.weight)
-        pos = context.positions
-        freqs = torch.complex(model.rope_cos[pos], model.rope_sin[pos])
-        # [T, hd/2] or [B, T, hd/2] -> broadcast over (groups, heads-in-group)
-        freqs = freqs.view(*(freqs.shape[:-1] if freqs.dim() == 3 else (1, T)), 1, 1, hd // 2)
+        N, hd, rep = B * T, self.head_dim, self.n_rep
+        h = F.embedding(tokens.reshape(N), model.tok_embeddings.weight)  # [N, dim]
+        pos = context.positions.expand(B, T).reshape(N)
+        freqs = torch.complex(model.rope_cos[pos], model.rope_sin[pos]).view(N, 1, 1, hd // 2)
+        # One complex multiply rotates q and k of every group; v is "rotated" by 1 + 0i, exactly.
+        rotation = torch.cat(
+            [freqs.expand(N, 1, rep + 1, hd // 2), torch.ones_like(freqs)], dim=2
+        )  # [N, 1, rep + 2, hd / 2], broadcast over the kv groups
         for name, block in self.blocks:
             x = F.rms_norm(h, (h.shape[-1],), block.attention_norm.weight, self.eps)
             qkv = F.linear(x, block.attention.wqkv.weight)
             groups = qkv.shape[-1] // ((rep + 2) * hd)
-            qkv = qkv.view(B, T, groups, rep + 2, hd)
-            qk = _rotate(qkv[:, :, :, : rep + 1], freqs)  # q heads and k, rotated together
-            q = qk[:, :, :, :rep].reshape(B, T, groups * rep, hd)
-            k, v = qk[:, :, :, rep], qkv[:, :, :, rep + 1]
+            qkv = _rotate(qkv.view(N, groups, rep + 2, hd), rotation)
+            q = qkv[:, :, :rep].reshape(B, T, groups * rep, hd)
+            k = qkv[:, :, rep].view(B, T, groups, hd)
+            v = qkv[:, :, rep + 1].view(B, T, groups, hd)
             out = context.attend(name, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            h = h + F.linear(out.transpose(1, 2).reshape(B, T, -1), block.attention.wo.weight)
+            out = out.transpose(1, 2).reshape(N, -1)
+            h = torch.addmm(h, out, block.attention.wo.weight.t())  # the residual add, fused
             x = F.rms_norm(h, (h.shape[-1],), block.ffn_norm.weight, self.eps)
-            gate_up = F.linear(x, block.feed_forward.w_gate_up.weight)
-            gate_up = gate_up.unflatten(-1, (self.ffn_groups, 2, -1))
-            hidden = F.silu(gate_up[..., 0, :]).mul_(gate_up[..., 1, :]).flatten(-2)
-            h = h + F.linear(hidden, block.feed_forward.w_down.weight)
+            gate_up = F.linear(x, block.feed_forward.w_gate_up.weight).view(
+                N, self.ffn_groups, 2, -1
+            )
+            hidden = F.silu(gate_up[:, :, 0]).mul_(gate_up[:, :, 1]).view(N, -1)
+            h = torch.addmm(h, hidden, block.feed_forward.w_down.weight.t())
         if rows is not None:
-            h = h.reshape(B * T, -1)[rows]
+            h = h[rows]
         h = F.rms_norm(h, (h.shape[-1],), model.norm.weight, self.eps)
-        return F.linear(h, model.output.weight)
+        logits = F.linear(h, model.output.weight)
+        return logits if rows is not None else logits.view(B, T, -1)
 
 
-def _rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Each (2i, 2i+1) pair of the last dim rotated by the unit complex freqs (fp32 math)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    rotated = torch.view_as_real(torch.view_as_complex(pairs.contiguous()) * freqs)
-    return rotated.flatten(-2).to(x.dtype)
+def _rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Each (2i, 2i+1) pair of the last dim multiplied by the complex rotation (in fp32)."""
+    if x.dtype == torch.float32:
+        return torch.view_as_real(
+            torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rotation
+        ).flatten(-2)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
