@@ -254,7 +254,7 @@ def create_app(
         if body.stream and body.logprobs is not None:
             raise ApiError(400, "logprobs with stream is not supported", "logprobs")
         prompts = _completion_prompts(body.prompt, tokenizer)
-        generation = _start(runner, metrics, tokenizer, body, prompts, context, completion=True)
+        generation = _start(runner, tokenizer, body, prompts, context, completion=True)
         if body.stream:
             return _sse(generation.stream_completion(request, model_name, body.echo))
         return SafeJSON(await _finish(generation, request, model_name, body.echo, chat=False))
@@ -268,9 +268,7 @@ def create_app(
             prompt, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
         except UserError as e:
             raise ApiError(400, str(e), "messages") from None
-        generation = _start(
-            runner, metrics, tokenizer, body, [(prompt, None)], context, completion=False
-        )
+        generation = _start(runner, tokenizer, body, [(prompt, None)], context, completion=False)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _sse(generation.stream_chat(request, model_name, include_usage))
@@ -296,7 +294,7 @@ def _completion_prompts(prompt, tokenizer: Tokenizer) -> list[tuple[list[int], s
     return [(list(p), None) for p in prompt]
 
 
-def _start(runner, metrics, tokenizer, body, prompts, context, completion: bool) -> Generation:
+def _start(runner, tokenizer, body, prompts, context, completion: bool) -> Generation:
     """Check lengths and submit n requests per prompt."""
     if completion:
         logprobs = body.logprobs
@@ -310,7 +308,7 @@ def _start(runner, metrics, tokenizer, body, prompts, context, completion: bool)
         stop_ids = (tokenizer.end_id, tokenizer.eos_id)
     if body.ignore_eos:
         stop_ids = ()
-    generation = Generation(runner, metrics, tokenizer, body.stop_strings())
+    generation = Generation(runner, tokenizer, body.stop_strings())
     for ids, text in prompts:
         if any(t >= tokenizer.vocab_size for t in ids):
             generation.cancel()
@@ -350,8 +348,7 @@ def _start(runner, metrics, tokenizer, body, prompts, context, completion: bool)
 
 
 async def _finish(generation: Generation, request: Request, model: str, echo: bool, chat: bool):
-    done = await generation.wait(request)
-    if done is None:  # the client went away; nobody reads this
+    if not await generation.wait(request):  # the client went away; nobody reads this
         return out.error_body("the client disconnected")
     if any(r.finish_reason == "error" for r in generation.requests):
         raise ApiError(500, "the engine failed while generating")

@@ -37,9 +37,7 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
-def completion_logprobs(
-    tokenizer: Tokenizer, request: Request, echo: bool, prompt_text: str
-) -> dict[str, Any]:
+def completion_logprobs(tokenizer: Tokenizer, request: Request, echo: bool) -> dict[str, Any]:
     """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs and
     text_offset, over the prompt too when echo is set."""
     ids: list[int] = []

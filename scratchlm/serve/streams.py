@@ -19,7 +19,6 @@ from scratchlm.infer.runner import EngineThread
 from scratchlm.infer.sampling import SamplingParams
 from scratchlm.infer.stream import streamable_text
 from scratchlm.serve import responses as out
-from scratchlm.serve.metrics import Metrics
 from scratchlm.tokenizer import Tokenizer
 
 DISCONNECT_POLL_SECONDS = 0.5
@@ -54,10 +53,8 @@ _wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] = (
 
 
 class Generation:
-    def __init__(
-        self, runner: EngineThread, metrics: Metrics, tokenizer: Tokenizer, stops: list[str]
-    ) -> None:
-        self.runner, self.metrics, self.tokenizer, self.stops = runner, metrics, tokenizer, stops
+    def __init__(self, runner: EngineThread, tokenizer: Tokenizer, stops: list[str]) -> None:
+        self.runner, self.tokenizer, self.stops = runner, tokenizer, stops
         self.requests: list[Request] = []
         self.prompt_texts: list[str | None] = []
         self.prompt_tokens = 0
@@ -92,11 +89,12 @@ class Generation:
                 if await http.is_disconnected():
                     return None
 
-    async def wait(self, http: HttpRequest) -> bool | None:
+    async def wait(self, http: HttpRequest) -> bool:
+        """Until every request is done: True, or False when the client went away first."""
         try:
             while not all(r.finished for r in self.requests):
                 if await self._next_change(http) is None:
-                    return None
+                    return False
         finally:
             self.cancel()
         return True
@@ -111,7 +109,7 @@ class Generation:
                 shown_prompt = self.tokenizer.decode(r.prompt_ids, skip_special=True)
             logprobs = None
             if r.logprobs is not None:
-                logprobs = out.completion_logprobs(self.tokenizer, r, echo, shown_prompt)
+                logprobs = out.completion_logprobs(self.tokenizer, r, echo)
             choices.append(
                 {
                     "index": i,
