@@ -117,6 +117,22 @@ def decode_vs_transformers(run: Path, tokens: int, rounds: int) -> dict:
     }
 
 
+def engine_batching(run: Path, tokens: int, concurrency: list[int]) -> dict[int, float]:
+    """Tokens/s of the engine alone (no HTTP) with n requests at once."""
+    from scratchlm.infer.engine import Engine
+    from scratchlm.infer.sampling import SamplingParams
+
+    model, tokenizer = load(run)
+    rates = {}
+    for n in concurrency:
+        engine = Engine(model, tokenizer, max_batch=max(concurrency))
+        prompts = [tokenizer.encode(f"{PROMPT} ({i})", add_bos=True) for i in range(n)]
+        start = time.perf_counter()
+        engine.generate_batch(prompts, SamplingParams(max_tokens=tokens, temperature=0))
+        rates[n] = n * tokens / (time.perf_counter() - start)
+    return rates
+
+
 async def _client(url: str, prompt: str, tokens: int) -> dict:
     import httpx
 
@@ -268,6 +284,12 @@ def main() -> None:
             )
         speedup = load_results[32]["tok_s"] / load_results[1]["tok_s"]
         print(f"aggregate speedup 32 vs 1 clients: {speedup:.1f}x")
+        engine_rates = engine_batching(runs["5M"], args.tokens, [1, 32])
+        engine_speedup = engine_rates[32] / engine_rates[1]
+        print(
+            f"the engine alone, no HTTP: {engine_rates[1]:.0f} tokens/s with 1 request, "
+            f"{engine_rates[32]:.0f} with 32: {engine_speedup:.1f}x"
+        )
         gguf_rates = llama_cpp_rates(runs["5M"], args.tokens, rounds)
         print("\nbatch-1 decode of the 5M model: llama.cpp on the GGUF exports beside scratchlm")
         if gguf_rates:
@@ -280,6 +302,7 @@ def main() -> None:
         result = {
             "decode_ratio_vs_transformers": decode["5M"]["ratio"],
             "aggregate_speedup_32_vs_1": speedup,
+            "engine_speedup_32_vs_1": engine_speedup,
             "decode": decode,
             "serve": {str(n): r for n, r in load_results.items()},
             "llama_cpp_tok_s": gguf_rates,
