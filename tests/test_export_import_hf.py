@@ -12,7 +12,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from scratchlm.errors import UserError
 from scratchlm.export.hf import export_run
 from scratchlm.export.hf_import import import_hf
-from scratchlm.loading import load
+from scratchlm.loading import load, load_model
 from scratchlm.tokenizer import SPECIAL_TOKENS
 
 transformers = pytest.importorskip("transformers")
@@ -117,6 +117,8 @@ def test_import_export_import_is_identical(tmp_path):
 def test_the_imported_run_generates_and_exports(tmp_path, cli):
     random_llama(tmp_path / "hf", tie=True)
     import_hf(tmp_path / "hf", tmp_path / "run")
+    model, source = load_model(tmp_path / "run")  # what pretrain.init_from = "DIR" starts from
+    assert source.parent.name == "imported" and model.config.tie_embeddings
     r = cli("generate", str(tmp_path / "run"), "--prompt", "the fox", "--max-new-tokens", "5")
     assert r.returncode == 0 and r.stdout.startswith("the fox"), r.stderr
     out = export_run(tmp_path / "run", tmp_path / "again")
@@ -148,3 +150,36 @@ def test_unsupported_or_incomplete_checkpoints_are_one_line_errors(tmp_path, cli
         import_hf(hf, run)
     with pytest.raises(UserError, match="no config.json"):
         import_hf(tmp_path / "nothing", run)
+
+
+@pytest.mark.slow
+def test_pretraining_continues_from_an_imported_llama(tmp_path, cli):
+    from scratchlm.documents import write_documents
+
+    random_llama(tmp_path / "hf", tie=False)
+    run = tmp_path / "run"
+    import_hf(tmp_path / "hf", run)
+    text = corpus(60_000).split("\n\n")
+    write_documents(
+        run / "curated" / "part-00000.jsonl.zst",
+        [{"id": str(i), "text": t, "meta": {}} for i, t in enumerate(text) if t.strip()],
+    )
+    settings = [
+        "pretrain.init_from=" + str(run / "imported"),
+        "pretrain.max_steps=3",
+        "pretrain.micro_batch_size=4",
+        "pretrain.tokens_per_step=512",
+        "pretrain.eval_every=3",
+        "pretrain.eval_tokens=512",
+        "pretrain.save_every=3",
+        "model.max_seq_len=128",
+    ]
+    r = cli("tokenize", "--run-dir", str(run))
+    assert r.returncode == 0, r.stderr
+    args = [a for s in settings for a in ("--set", s)]
+    r = cli("pretrain", "--run-dir", str(run), *args)
+    assert r.returncode == 0, r.stderr
+    trained, _ = load(run)  # the newest stage: pretrain, grown from the imported weights
+    imported, _ = load(run / "imported")
+    assert trained.config == imported.config
+    assert not torch.equal(trained.output.weight, imported.output.weight)
