@@ -12,7 +12,9 @@
 
 Models are randomly initialised: speed does not depend on what the weights say.
 
-    PYTHONPATH=. python bench/serve.py [--tokens 128] [--quick] [--json]
+    PYTHONPATH=. python bench/serve.py [--tokens 128] [--rounds 3] [--threads N] [--quick] [--json]
+
+On a busy machine, --threads 1 keeps both sides off each other's thread pools.
 """
 
 from __future__ import annotations

@@ -173,7 +173,8 @@ def test_chat_page_in_headless_chromium(server, client, tmp_path):
         driver.get(server.url + "/")
         driver.find_element(By.ID, "api-key").send_keys(KEY)
         driver.execute_script(
-            "document.getElementById('temperature').value = '0';"
+            "const t = document.getElementById('temperature');"
+            "t.value = '0'; t.dispatchEvent(new Event('input'));"
             "document.getElementById('max-tokens').value = '20';"
         )
         box = driver.find_element(By.ID, "input")
@@ -187,6 +188,7 @@ def test_chat_page_in_headless_chromium(server, client, tmp_path):
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 1000
         assert "model: tiny" in driver.find_element(By.ID, "model").text
+        assert driver.find_element(By.ID, "temperature-value").text == "0"
         assert answer.get_attribute("data-finish") in ("stop", "length")
         assert answer.get_attribute("textContent") == chat_text(client, "Hello there", 20)
         assert driver.find_element(By.CSS_SELECTOR, ".msg.user").text == "Hello there"
