@@ -295,6 +295,9 @@ def test_hostile_requests_get_4xx_and_the_server_lives(server, client):
     ]:
         status = httpx.post(server.url + route, content=body, headers=auth).status_code
         assert status in (200, 400), (route, status)
+    long_chat = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 400}]}
+    r = httpx.post(server.url + "/v1/chat/completions", json=long_chat, headers=server.headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert chat_text(client, "still there?", 4) is not None
     metrics = httpx.get(server.url + "/metrics", headers=server.headers).text
     assert 'scratchlm_requests_total{route="/v1/chat/completions",status="400"}' in metrics

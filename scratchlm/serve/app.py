@@ -313,8 +313,10 @@ def _start(runner, tokenizer, body, prompts, context, completion: bool) -> Gener
         if any(t >= tokenizer.vocab_size for t in ids):
             generation.cancel()
             raise ApiError(400, f"prompt token ids must be below {tokenizer.vocab_size}", "prompt")
-        wanted = max_tokens if max_tokens is not None else context - len(ids)
-        if len(ids) + wanted > context or (len(ids) >= context and wanted > 0):
+        wanted = max_tokens if max_tokens is not None else max(context - len(ids), 0)
+        # A chat always needs room for an answer; a completion may only score (max_tokens=0).
+        full = len(ids) >= context and (wanted > 0 or not completion)
+        if len(ids) + wanted > context or full:
             generation.cancel()
             raise ApiError(
                 400,
