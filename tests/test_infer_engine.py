@@ -229,3 +229,18 @@ def test_a_bf16_model_runs_on_the_engine():
     out = Engine(model, max_batch=4).generate_batch([[1, 2, 3], [4, 5]], params)
     assert all(len(r.token_ids) == 6 and len(r.logprobs) == 6 for r in out)
     assert out[0].token_ids == Engine(model).generate_batch([[1, 2, 3]], params)[0].token_ids
+
+
+def test_scattered_blocks_give_what_consecutive_ones_give(model, prompts):
+    engine = Engine(model, max_batch=8, block_size=8)
+    params = SamplingParams(max_tokens=30, temperature=0)
+    first, middle, last = (engine.add(p, params) for p in prompts[:3])
+    engine.step()
+    engine.abort(middle)  # a hole in the pool: the next request's blocks are not consecutive
+    late = engine.add(prompts[4], SamplingParams(max_tokens=40, temperature=0))
+    while engine.has_work():
+        engine.step()
+        if late.blocks:
+            assert late.first_slot is None
+    assert late.token_ids == list(generate(model, prompts[4], 40, temperature=0))
+    assert first.token_ids == list(generate(model, prompts[0], 30, temperature=0))

@@ -78,6 +78,8 @@ class Request:
     cached: int = 0
     blocks: list[int] = field(default_factory=list)
     slots: torch.Tensor | None = None
+    first_slot: int | None = None
+    """Set when the request's blocks are consecutive in the pool (attention then slices)."""
     generator: torch.Generator | None = None
 
     @property
@@ -214,6 +216,9 @@ class Engine:
             self.waiting.popleft()
             request.blocks = self.cache.allocate(blocks)
             request.slots = self.cache.slot_table(request.blocks, need)
+            first = request.blocks[0]
+            if request.blocks == list(range(first, first + len(request.blocks))):
+                request.first_slot = first * self.cache.block_size
             self.running.append(request)
 
     def _finish(self, request: Request, reason: str) -> None:
@@ -251,6 +256,7 @@ class Engine:
         plan = plan_step(
             [r.slots[: r.cached + 1] for r in decode],
             [(r.slots[: r.cached + length], r.cached) for r, length in prefill],
+            [r.first_slot for r in decode] + [r.first_slot for r, _ in prefill],
         )
         # The output head runs only on rows whose logits are used: decode tokens, the last token
         # of a prompt (its first new token) and the prompts being scored.

@@ -70,23 +70,29 @@ class PagedKVCache:
 
 @dataclass
 class StepPlan:
-    """What one engine step computes: decode tokens first, then prefill chunks.
-
-    decode_lengths: for each decoding request, its context length including the new token.
-    chunks: for each prefill chunk, (tokens already cached, chunk length).
-    """
+    """What one engine step computes: decode tokens first, then prefill chunks."""
 
     slot_mapping: torch.Tensor  # [N] where each new token's key and value go
-    decode_slots: torch.Tensor | None  # [D, max_len] slots of each decoding request's context
-    decode_mask: torch.Tensor | None  # [D, 1, 1, max_len], or None when nothing is padded
+    decode_slots: torch.Tensor | None  # [D, longest] slots of each decoding request's context
+    decode_mask: torch.Tensor | None  # [D, 1, 1, longest], or None when nothing is padded
     chunk_slots: list[torch.Tensor]  # per chunk: slots of its context, cached + new
-    chunks: list[tuple[int, int]]
+    chunks: list[tuple[int, int]]  # per chunk: (tokens already cached, chunk length)
+    decode_start: int | None = None
+    """The first slot of a lone decoding request whose slots are consecutive: its context is
+    then a slice of the pool, not a gather."""
+    chunk_starts: list[int | None] | None = None
 
 
-def plan_step(decode: list[torch.Tensor], prefill: list[tuple[torch.Tensor, int]]) -> StepPlan:
+def plan_step(
+    decode: list[torch.Tensor],
+    prefill: list[tuple[torch.Tensor, int]],
+    first_slots: list[int | None] | None = None,
+) -> StepPlan:
     """decode: the slots of each decoding request's context, its new token last;
     prefill: the slots of each chunk's context (cached tokens, then the chunk) and the number of
-    tokens already cached."""
+    tokens already cached; first_slots: for each decoding request then each chunk, its first
+    slot when all its slots are consecutive, else None."""
+    first_slots = first_slots or [None] * (len(decode) + len(prefill))
     new_slots = []
     decode_slots = decode_mask = None
     if decode:
@@ -107,6 +113,8 @@ def plan_step(decode: list[torch.Tensor], prefill: list[tuple[torch.Tensor, int]
         decode_mask=decode_mask,
         chunk_slots=[slots for slots, _ in prefill],
         chunks=[(cached, len(slots) - cached) for slots, cached in prefill],
+        decode_start=first_slots[0] if len(decode) == 1 else None,
+        chunk_starts=first_slots[len(decode) :],
     )
 
 
@@ -127,9 +135,13 @@ class PagedStep(AttentionContext):
         n_decode = 0
         if plan.decode_slots is not None:
             n_decode, longest = plan.decode_slots.shape
-            idx = plan.decode_slots.view(-1)
-            keys = pool_k.index_select(0, idx).view(n_decode, longest, *pool_k.shape[1:])
-            values = pool_v.index_select(0, idx).view(n_decode, longest, *pool_v.shape[1:])
+            if plan.decode_start is not None:
+                keys = pool_k[plan.decode_start : plan.decode_start + longest].unsqueeze(0)
+                values = pool_v[plan.decode_start : plan.decode_start + longest].unsqueeze(0)
+            else:
+                idx = plan.decode_slots.view(-1)
+                keys = pool_k.index_select(0, idx).view(n_decode, longest, *pool_k.shape[1:])
+                values = pool_v.index_select(0, idx).view(n_decode, longest, *pool_v.shape[1:])
             outputs.append(
                 F.scaled_dot_product_attention(
                     q[:n_decode],
@@ -140,10 +152,16 @@ class PagedStep(AttentionContext):
                 )
             )
         start = n_decode
-        for (cached, length), slots in zip(plan.chunks, plan.chunk_slots, strict=True):
+        for (cached, length), slots, first in zip(
+            plan.chunks, plan.chunk_slots, plan.chunk_starts, strict=True
+        ):
             chunk_q = q[start : start + length, :, 0].transpose(0, 1).unsqueeze(0)
-            keys = pool_k.index_select(0, slots).transpose(0, 1).unsqueeze(0)
-            values = pool_v.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+            if first is not None:
+                keys = pool_k[first : first + len(slots)].transpose(0, 1).unsqueeze(0)
+                values = pool_v[first : first + len(slots)].transpose(0, 1).unsqueeze(0)
+            else:
+                keys = pool_k.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+                values = pool_v.index_select(0, slots).transpose(0, 1).unsqueeze(0)
             mask = None
             if cached > 0 and length > 1:  # causal, shifted by the tokens already cached
                 pos = torch.arange(cached + length, device=q.device)
