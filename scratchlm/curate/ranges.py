@@ -106,5 +106,5 @@ def _is_record_start(f, offset: int, gzipped: bool) -> bool:
     # A header-like line inside a record's content is not a boundary: a true record ends where
     # its Content-Length says, at the next record's header or at the end of the file.
     f.seek(offset + end + 4 + int(length.group(1)))
-    after = f.read(4 + 8)
-    return after == b"" or after.lstrip(b"\r\n").startswith(b"WARC/1.")
+    after = f.read(4 + 8).lstrip(b"\r\n")
+    return after == b"" or after.startswith(b"WARC/1.")

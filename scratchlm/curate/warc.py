@@ -35,8 +35,9 @@ def read_warc(path: str, source: str, start: int = 0, end: int = -1) -> Iterator
             it = ArchiveIterator(raw)
             for record in it:
                 doc = _record_document(record, source)
-                # Only after the record is read: get_record_offset() skips the rest of it.
-                offset = first + it.get_record_offset()
+                # Only after the record is read: get_record_offset() skips the rest of it. The
+                # offset is the file's (warcio starts from the stream's position).
+                offset = it.get_record_offset()
                 if 0 <= end <= offset:
                     return
                 if doc is not None:
