@@ -79,6 +79,22 @@ def html_rate(path: Path, limit: int = 300) -> float | None:
     return len(pages) / (time.process_time() - t0)
 
 
+def warc_read_rate(folder: Path, passes: int = 5) -> float | None:
+    """HTML documents per CPU second that the WARC reader yields (WARC parsing, gzip, charset
+    decoding) on the real WARC files of ../shared/data/web, or None when they are not there."""
+    from scratchlm.curate.readers import find_shards, read_shard
+
+    files = sorted(str(p) for p in folder.glob("*.warc.gz")) if folder.is_dir() else []
+    if not files:
+        return None
+    shards, _ = find_shards(files)
+    cfg = CurateConfig()
+    t0, n = time.process_time(), 0
+    for _ in range(passes):
+        n += sum(1 for s in shards for d in read_shard(s, cfg) if "reason" not in d)
+    return n / (time.process_time() - t0)
+
+
 def kept_ids(out: Path) -> set[str]:
     return {d["id"] for p in sorted(out.glob("part-*.jsonl.zst")) for d in read_docs(str(p))}
 
@@ -185,6 +201,10 @@ def main() -> None:
         if rate is not None:
             per_core["html_pages"] = round(rate, 1)
             print(f"html on {args.html_pages.name} (300 pages): {rate:.0f} pages per CPU second")
+        rate = warc_read_rate(args.html_pages.parent)
+        if rate is not None:
+            per_core["read_warc"] = round(rate, 1)
+            print(f"read of the WARC files there: {rate:.0f} pages per CPU second")
         result["step_docs_per_cpu_s"] = per_core
         result["step_seconds"] = {s["step"]: s["seconds"] for s in stats["steps"]}
         result["docs_in"] = stats["steps"][0]["docs_in"]

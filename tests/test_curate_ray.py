@@ -293,3 +293,11 @@ GOOD = (
     "there is a market with fruit and flowers from the farms in the valley. Many visitors come to "
     "see the church, which is more than five hundred years old and has a tall tower with a clock."
 )
+
+
+def test_user_error_in_a_task_is_one_line_on_ray(ray_instance, tmp_path):
+    from scratchlm.errors import UserError
+
+    (tmp_path / "a.txt").write_text("one\ntwo\n")
+    with pytest.raises(UserError, match=r"curate.text_separator '\(': "):
+        curate([tmp_path / "a.txt"], tmp_path / "out", "ray", text_separator="(")
