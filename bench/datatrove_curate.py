@@ -35,7 +35,10 @@ def _offline_lid():
             return self._model
 
         def predict(self, doc):
-            labels, scores = self.model.predict([doc.text.replace("\n", " ")], k=self.k)
+            # k=1: fasttext-wheel's list predict under numpy 2 repeats the top probability for
+            # every label when asked for more. The filter's rule (the score of "en" above the
+            # threshold) is unchanged: a score above 0.65 is always the top one.
+            labels, scores = self.model.predict([doc.text.replace("\n", " ")], k=1)
             pairs = {
                 lang.split("__")[2]: float(s) for lang, s in zip(labels[0], scores[0], strict=True)
             }

@@ -146,3 +146,12 @@ def test_connected_components_by_star_rounds(tmp_path):
     rep[(final["a"] - docs[0]).astype(int)] = (final["b"] - docs[0]).astype(int)
     assert np.array_equal(rep, connected_components(n, edges))
     assert r >= 1
+
+
+def test_nothing_left_for_dedup(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "too short"}, {"text": "also short"}])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "short"}])
+    stats = run_curate([str(tmp_path)], tmp_path / "out", CurateConfig(workers=1), progress=False)
+    steps = {s["step"]: s for s in stats["steps"]}
+    assert steps["gopher_quality"]["docs_removed"] == 3 and stats["output"]["docs"] == 0
+    assert "near_dedup" not in steps and output(tmp_path / "out") == {}  # no document reached it
