@@ -12,7 +12,8 @@
 3. datatrove 0.10 with the same steps and thresholds (bench/datatrove_curate.py) against
    scratchlm, 2 workers each, on data/web's JSON Lines records (1,077 documents; datatrove gets
    them as the same 4 files with the same ids). Documents kept by one side only are listed by the
-   step of each side that removed them.
+   step of each side that removed them. datatrove is a bench-only requirement:
+   pip install -r bench/requirements-datatrove.txt
 With --json the last line is one JSON object with the figures.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import gzip
+import importlib.util
 import json
 import sys
 import tempfile
@@ -208,7 +210,9 @@ def main() -> None:
         result["step_docs_per_cpu_s"] = per_core
         result["step_seconds"] = {s["step"]: s["seconds"] for s in stats["steps"]}
         result["docs_in"] = stats["steps"][0]["docs_in"]
-        if not args.skip_datatrove:
+        if not args.skip_datatrove and importlib.util.find_spec("datatrove") is None:
+            print("\ndatatrove is not installed (pip install -r bench/requirements-datatrove.txt)")
+        elif not args.skip_datatrove:
             dt = versus_datatrove(Path(tmp), args.repeats)
             speedup = dt["datatrove_wall"] / dt["ours_wall"]
             print(f"\nscratchlm vs datatrove 0.10 on {dt['docs']} JSON Lines documents, 2 workers:")

@@ -11,8 +11,7 @@ happen here. The bench gives it the lid.176.ftz that scratchlm uses (fast-langde
 through scratchlm's fastText (the fasttext-wheel distribution: LanguageFilter asks for the
 fasttext-numpy2-wheel distribution by name, which would replace it, so that check is lifted for
 this one step) and passes a list to predict() (fasttext-wheel under numpy 2 rejects a str).
-Everything else runs as shipped. Install:
-pip install torch==2.13.0 datatrove==0.10.1 orjson spacy 'xxhash<4' fasteners
+Everything else runs as shipped. Install: pip install -r bench/requirements-datatrove.txt
 """
 
 from __future__ import annotations
