@@ -36,6 +36,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
+    head: str = "lm"
+    """"lm": next-token logits [B, T, vocab]; "scalar": one value per position [B, T] (reward and
+    value models)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
@@ -45,6 +48,8 @@ class ModelConfig:
             raise UserError(f"model.dim={self.dim} must be n_heads={self.n_heads} x an even size")
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"model.n_heads={self.n_heads} must be a multiple of n_kv_heads")
+        if self.head not in ("lm", "scalar"):
+            raise UserError(f"model head {self.head!r}: expected 'lm' or 'scalar'")
         if self.ffn_dim == 0:
             self.ffn_dim = 64 * math.ceil(8 * self.dim / 3 / 64)
 
@@ -90,6 +95,8 @@ def _rotate(x: torch.Tensor, freqs: torch.Tensor, out: torch.Tensor) -> None:
 class _SplitQKVRope(torch.autograd.Function):
     """Grouped fused qkv [B, T, G*(R+2)*hd] -> q [B,T,G*R,hd], k [B,T,G,hd] (rotated), v [B,T,G,hd].
 
+    freqs is [T, hd/2] (every row at the same positions) or [B, T, hd/2] (positions per row).
+
     Saves nothing but the rotation table; the backward rotates the other way and writes all three
     gradients into one buffer laid out like the fused projection's output.
     """
@@ -100,7 +107,7 @@ class _SplitQKVRope(torch.autograd.Function):
         groups = width // ((n_rep + 2) * head_dim)
         x = qkv.view(B, T, groups, n_rep + 2, head_dim)
         freqs = freqs.to(torch.complex128 if qkv.dtype == torch.float64 else torch.complex64)
-        table = freqs.view(T, 1, 1, head_dim // 2)
+        table = freqs.unsqueeze(-2).unsqueeze(-2)  # [(B,) T, 1, 1, head_dim / 2]
         q = qkv.new_empty(B, T, groups, n_rep, head_dim)
         k = qkv.new_empty(B, T, groups, 1, head_dim)
         _rotate(x[:, :, :, :n_rep], table, q)
@@ -115,7 +122,7 @@ class _SplitQKVRope(torch.autograd.Function):
         (freqs,) = ctx.saved_tensors
         B, T, groups, n_rep, head_dim = ctx.shape
         grad = grad_q.new_empty(B, T, groups, n_rep + 2, head_dim)
-        inverse = freqs.conj().resolve_conj().view(T, 1, 1, head_dim // 2)
+        inverse = freqs.conj().resolve_conj().unsqueeze(-2).unsqueeze(-2)
         _rotate(grad_q.unflatten(2, (groups, n_rep)), inverse, grad[:, :, :, :n_rep])
         _rotate(grad_k.unsqueeze(3), inverse, grad[:, :, :, n_rep : n_rep + 1])
         grad[:, :, :, n_rep + 1].copy_(grad_v)
@@ -252,6 +259,44 @@ def cross_entropy_loss(
     )
 
 
+class AttentionContext:
+    """Where attention gets its keys and values and where each token sits: plain causal
+    attention over the batch itself. Packed rows, a KV cache and an inference engine's paged cache
+    are subclasses; the model asks only for `positions` and `attend`."""
+
+    def __init__(self, positions: torch.Tensor) -> None:
+        self.positions = positions
+        """Position of each token for RoPE: [T] (every row alike) or [B, T]."""
+
+    def attend(self, layer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, H, T, hd], k and v [B, kv_heads, T, hd] of this step -> [B, H, T, hd]."""
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=q.shape[2] > 1, enable_gqa=q.shape[1] != k.shape[1]
+        )
+
+
+class PackedRows(AttentionContext):
+    """Several documents packed into each row: segment_ids [B, T] number them. Positions restart
+    at each document and attention stays inside it (a block-diagonal causal mask), so a packed
+    row computes what the documents would alone."""
+
+    def __init__(self, segment_ids: torch.Tensor) -> None:
+        T = segment_ids.shape[1]
+        index = torch.arange(T, device=segment_ids.device).expand_as(segment_ids)
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        # Each token's position is its distance from the last segment start at or before it.
+        first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+        super().__init__(index - first)
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        self.mask = (same & torch.ones(T, T, dtype=torch.bool, device=same.device).tril())[:, None]
+
+    def attend(self, layer, q, k, v):  # type: ignore[override]
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=self.mask, enable_gqa=q.shape[1] != k.shape[1]
+        )
+
+
 class KVCache:
     """Past keys and values for decoding, preallocated per layer as [B, kv_heads, S, head_dim]."""
 
@@ -270,14 +315,38 @@ class KVCache:
         self.keys = {n: torch.zeros(shape, device=device, dtype=dtype) for n in layer_names}
         self.values = {n: torch.zeros(shape, device=device, dtype=dtype) for n in layer_names}
 
-    def update(
-        self, layer: str, start_pos: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, kv_heads, T, hd] at start_pos; return the keys and values up to there."""
-        end = start_pos + k.shape[2]
-        self.keys[layer][:, :, start_pos:end] = k
-        self.values[layer][:, :, start_pos:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+    def context(self, start_pos: int, length: int) -> AttentionContext:
+        """The context for `length` new tokens at positions start_pos.."""
+        return _CachedStep(self, start_pos, length)
+
+
+class _CachedStep(AttentionContext):
+    """Store this step's keys and values at start_pos, attend over everything cached so far."""
+
+    def __init__(self, cache: KVCache, start_pos: int, length: int) -> None:
+        device = next(iter(cache.keys.values())).device
+        super().__init__(torch.arange(start_pos, start_pos + length, device=device))
+        self.cache, self.start_pos = cache, start_pos
+
+    def attend(self, layer, q, k, v):  # type: ignore[override]
+        start, end = self.start_pos, self.start_pos + k.shape[2]
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        k, v = keys[:, :, :end], values[:, :, :end]
+        T = q.shape[2]
+        mask = None
+        if start > 0 and T > 1:  # a chunk after cached positions: causal with an offset
+            pos = torch.arange(end, device=q.device)
+            mask = pos[None, :] <= pos[start:, None]
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
 
 
 class Attention(nn.Module):
@@ -291,26 +360,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        freqs: torch.Tensor,
-        cache: KVCache | None,
-        layer: str,
-        start_pos: int,
+        self, x: torch.Tensor, freqs: torch.Tensor, context: AttentionContext, layer: str
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.wqkv(x)
-        q, k, v = _SplitQKVRope.apply(qkv, freqs, self.n_rep, self.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        mask = None
-        if cache is not None:
-            k, v = cache.update(layer, start_pos, k, v)
-            if start_pos > 0 and T > 1:  # a chunk after cached positions: causal with an offset
-                pos = torch.arange(k.shape[2], device=x.device)
-                mask = pos[None, :] <= pos[start_pos:, None]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_rep > 1
-        )
+        q, k, v = _SplitQKVRope.apply(self.wqkv(x), freqs, self.n_rep, self.head_dim)
+        out = context.attend(layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -336,8 +390,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, freqs, cache: KVCache | None, layer: str, start_pos: int):
-        h = x + self.attention(self.attention_norm(x), freqs, cache, layer, start_pos)
+    def forward(self, x, freqs, context: AttentionContext, layer: str):
+        h = x + self.attention(self.attention_norm(x), freqs, context, layer)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -352,8 +406,9 @@ class Transformer(nn.Module):
         # A ModuleDict keyed "0".."N-1" keeps names stable when a pipeline stage deletes layers.
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        outputs = 1 if cfg.head == "scalar" else cfg.vocab_size
+        self.output: nn.Linear | None = nn.Linear(cfg.dim, outputs, bias=False)
+        if cfg.tie_embeddings and cfg.head == "lm":
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
@@ -381,24 +436,43 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
 
     def forward(
-        self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        segment_ids: torch.Tensor | None = None,
+        context: AttentionContext | None = None,
     ) -> torch.Tensor:
+        """Logits [B, T, V] of tokens [B, T] (or the output head's values, see `head`).
+
+        Attention is causal over the row, unless: `cache` holds earlier positions (the tokens
+        sit at start_pos..), `segment_ids` [B, T] pack several documents per row, or `context`
+        says outright where keys, values and positions come from (an inference engine's cache).
+        """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         T = h.shape[1]
-        if start_pos + T > self.config.max_seq_len:
-            raise ValueError(
-                f"positions {start_pos}..{start_pos + T} exceed "
-                f"max_seq_len={self.config.max_seq_len}"
-            )
+        if context is None:
+            if cache is not None:
+                context = cache.context(start_pos, T)
+            elif segment_ids is not None:
+                context = PackedRows(segment_ids)
+            else:
+                context = AttentionContext(torch.arange(T, device=h.device))
+        last = start_pos + T if cache is not None else T
+        if last > self.config.max_seq_len:
+            raise ValueError(f"positions up to {last} exceed max_seq_len={self.config.max_seq_len}")
+        positions = context.positions
         if self.rope_cos.dtype != torch.float32:  # the model was cast (e.g. to bf16) from outside
             self.init_rope()
-        positions = slice(start_pos, start_pos + T)
         freqs = torch.complex(self.rope_cos[positions], self.rope_sin[positions])
         for name, layer in self.layers.items():
-            h = layer(h, freqs, cache, name, start_pos)
+            h = layer(h, freqs, context, name)
         if self.norm is not None:
             h = self.norm(h)
-        return self.output(h) if self.output is not None else h
+        if self.output is None:
+            return h
+        out = self.output(h)
+        return out.squeeze(-1) if self.config.head == "scalar" else out
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
         """An empty KV cache on the model's device and dtype."""

@@ -257,3 +257,39 @@ def test_config_round_trip_and_errors():
         tiny(n_kv_heads=3)
     with pytest.raises(ValueError, match="max_seq_len"):
         Transformer(tiny())(torch.zeros(1, 25, dtype=torch.long))
+
+
+def test_packed_rows_equal_documents_alone():
+    """Two documents packed in one row: same logits and gradients as each one on its own."""
+    torch.manual_seed(0)
+    model = Transformer(tiny()).double()
+    first, second = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (1, 7))
+    packed = torch.cat([first, second], dim=1)
+    segments = torch.tensor([[0] * 9 + [1] * 7])
+    logits = model(packed, segment_ids=segments)
+    alone = torch.cat([model(first), model(second)], dim=1)
+    torch.testing.assert_close(logits, alone)
+    logits.square().sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    alone = torch.cat([model(first), model(second)], dim=1)
+    alone.square().sum().backward()
+    for got, want in zip(packed_grads, [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_packed_positions_restart_per_segment():
+    from scratchlm.model import PackedRows
+
+    rows = PackedRows(torch.tensor([[0, 0, 0, 1, 1, 2], [5, 5, 5, 5, 5, 5]]))
+    assert rows.positions.tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
+
+
+def test_scalar_head_gives_one_value_per_position():
+    model = Transformer(tiny(head="scalar"))
+    values = model(torch.randint(0, 97, (3, 5)))
+    assert values.shape == (3, 5)
+    assert model.output.weight.shape == (1, 32)
+    assert model.output.weight is not model.tok_embeddings.weight
+    with pytest.raises(UserError, match="model head 'value'"):
+        tiny(head="value")

@@ -44,6 +44,8 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     cfg = model.config
     if model.tok_embeddings is None or model.norm is None or model.output is None:
         raise UserError("export needs the whole model, not a pipeline stage")
+    if cfg.head != "lm":
+        raise UserError("export writes language models; this checkpoint has a scalar head")
     rep, hd = cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
     out = {"model.embed_tokens.weight": model.tok_embeddings.weight}
     for name, block in model.layers.items():
