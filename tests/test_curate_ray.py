@@ -285,6 +285,30 @@ def test_cli_curate_and_tokenize_take_the_executor(ray_instance, tmp_path, cli):
     bad = cli("curate", str(data), "--out", str(tmp_path / "o2"), "--executor", "spark")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
+    from scratchlm.tokenizer import train_tokenizer
+
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "o", run / "curated")
+    texts = [d["text"] for p in (run / "curated").glob("part-*.zst") for d in read_docs(str(p))]
+    train_tokenizer(texts * 20, 300, run / "tokenizer.json", min_frequency=1)
+    metas = []
+    for executor in ("local", "ray"):
+        result = cli(
+            "tokenize",
+            "--run-dir",
+            str(run),
+            "--executor",
+            executor,
+            "--ray-address",
+            ray_instance,
+            "--set",
+            "tokens.val_fraction=0.4",
+        )
+        assert result.returncode == 0, result.stderr
+        metas.append((run / "tokens" / "meta.json").read_bytes())
+        assert (run / "tokens" / "val-00000.bin").is_file()
+    assert metas[0] == metas[1]
+
 
 GOOD = (
     "Story NUM. The river runs through the old town and past the mill. People walk along the "
