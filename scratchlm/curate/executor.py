@@ -157,8 +157,8 @@ class RayExecutor:
                 try:
                     results[i], node = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
-                    for ref in pending:
-                        ray.cancel(ref)
+                    for other in pending:
+                        ray.cancel(other)
                     if isinstance(getattr(e, "cause", None), UserError):
                         raise UserError(str(e.cause)) from None
                     raise
