@@ -20,13 +20,18 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m scratchlm pipeline recipes/tiny.toml --run-dir runs/tiny
 
-test: setup
-	$(PY) -m pytest -q -n 2
+# The Ray tests need the ray extra; they share one Ray instance, so they run in one xdist group.
+$(VENV)/.installed-ray: $(VENV)/.installed
+	$(PY) -m pip install -q $(TORCH) -e '.[$(EXTRAS),ray]'
+	touch $@
 
-# The slow tests include DeepSpeed and llama.cpp (llama-cpp-python builds from source, about
-# 6.5 minutes on 2 cores the first time), optional extras.
-$(VENV)/.installed-deepspeed: $(VENV)/.installed
-	$(PY) -m pip install -q $(TORCH) -e '.[$(EXTRAS),deepspeed,llamacpp]'
+test: $(VENV)/.installed-ray
+	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+# The slow tests include DeepSpeed, a two-node Ray cluster and llama.cpp (llama-cpp-python builds
+# from source, about 6.5 minutes on 2 cores the first time), optional extras.
+$(VENV)/.installed-deepspeed: $(VENV)/.installed-ray
+	$(PY) -m pip install -q $(TORCH) -e '.[$(EXTRAS),ray,deepspeed,llamacpp]'
 	touch $@
 
 test-slow: $(VENV)/.installed-deepspeed
