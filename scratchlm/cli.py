@@ -173,10 +173,7 @@ def _take_run_folder(folder: Path, argv: list[str], what: str = "run folder") ->
 
     disk.check_writable(folder, what)
     runlock.acquire(folder, command=" ".join(["scratchlm", *argv]))
-    names, freed = disk.remove_stale(folder, [".tmp-*"])
-    if names:
-        size = disk.format_bytes(freed)
-        print(f"note: removed {', '.join(names)}, left by an interrupted run ({size})")
+    disk.say_removed(argv[0], *disk.remove_stale(folder, [".tmp-*"]))
 
 
 def _curate(argv: list[str]) -> int:

@@ -27,15 +27,30 @@ FULL_MESSAGES = ("No space left on device", "Disk quota exceeded", "os error 28"
 
 
 class DiskFull(RunFault):
-    """A write ran out of space; its partial files are gone."""
+    """A write ran out of space; its partial files are gone. `needed` is None for a file written
+    as a stream, whose size is not known ahead: the message then gives the bytes it had reached."""
 
-    def __init__(self, what: str, where: Path, needed: int, free: int, then: str = "") -> None:
+    def __init__(
+        self,
+        what: str,
+        where: Path,
+        needed: int | None,
+        free: int,
+        then: str = "",
+        written: int = 0,
+    ) -> None:
         self.what, self.where, self.needed, self.free = what, where, needed, free
+        self.then, self.written = then, written
+        size = f"more than {format_bytes(written)}" if needed is None else format_bytes(needed)
         advice = "free some space" + (f", then {then}" if then else "")
         super().__init__(
-            f"disk full writing {what} to {where}: needs {format_bytes(needed)}, "
-            f"{format_bytes(free)} free; {advice}"
+            f"disk full writing {what} to {where}: needs {size}, {format_bytes(free)} free; "
+            f"{advice}"
         )
+
+    def __reduce__(self):  # raised in worker processes, re-raised in the driver
+        args = (self.what, self.where, self.needed, self.free, self.then, self.written)
+        return (DiskFull, args)
 
 
 def format_bytes(n: float) -> str:
@@ -114,23 +129,29 @@ def remove(path: Path) -> None:
 def writing(
     what: str,
     where: Path,
-    needed: int,
+    needed: int | None,
     partial: Iterable[Path] = (),
     cleanup: Callable[[], None] | None = None,
     then: str = "",
 ) -> Iterator[None]:
     """Write `what` into `where`. On any error the `partial` paths are removed and `cleanup` runs;
     a full disk becomes DiskFull (the free space measured after the cleanup), anything else goes
-    on as it was. `then` says how to continue once space is freed."""
+    on as it was. `needed` is the size to write (None: not known ahead, a stream); `then` says how
+    to continue once space is freed."""
     try:
         yield
+    except DiskFull:
+        for path in partial:
+            remove(path)
+        raise
     except BaseException as e:
+        written = sum(tree_bytes(path) for path in partial)
         for path in partial:
             remove(path)
         if cleanup is not None:
             cleanup()
         if is_disk_full(e):
-            raise DiskFull(what, where, needed, free_bytes(where), then) from None
+            raise DiskFull(what, where, needed, free_bytes(where), then, written) from None
         raise
 
 
@@ -165,6 +186,18 @@ def remove_stale(folder: Path, patterns: Iterable[str]) -> tuple[list[str], int]
             remove(path)
             names.append(path.name)
     return names, freed
+
+
+def say_removed(who: str, names: list[str], freed: int) -> None:
+    """One line for what `remove_stale` removed (nothing when it removed nothing)."""
+    if not names:
+        return
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    print(
+        f"{who}: removed what an interrupted run left half-written ({shown}), "
+        f"freeing {format_bytes(freed)}",
+        flush=True,
+    )
 
 
 def check_writable(path: Path, what: str, files: Iterable[str] = ()) -> None:

@@ -8,6 +8,7 @@ and per split. Readers memory-map the files, so a shard costs no RAM until its p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -16,10 +17,11 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from scratchlm import disk
 from scratchlm.documents import read_documents
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import Tokenizer
@@ -34,6 +36,7 @@ SPLITS = ("train", "val")
 # small enough to keep every process busy and the memory of chunks in flight small.
 CHUNK_CHARS = 1 << 20
 CHUNK_DOCS = 2048
+TOKENIZE_AGAIN = "run `scratchlm tokenize` again"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -102,14 +105,23 @@ def write_token_shards(
     writers = {s: _ShardWriter(out_dir, s, dtype, shard_tokens) for s in SPLITS}
     empty_docs = 0
     chunks = _chunks(doc_files, seed, val_fraction, forced_val, forced_train)
-    for (splits, n_empty), (tokens, lengths, n_bytes) in _tokenize_in_order(
-        chunks, Path(tokenizer_path), workers
-    ):
-        empty_docs += n_empty
-        ends = np.cumsum(lengths)
-        for i, split in enumerate(splits):
-            writers[split].add(tokens[ends[i] - lengths[i] : ends[i]], int(n_bytes[i]))
-    split_meta = {s: w.finish() for s, w in writers.items()}
+    try:
+        for (splits, n_empty), (tokens, lengths, n_bytes) in _tokenize_in_order(
+            chunks, Path(tokenizer_path), workers
+        ):
+            empty_docs += n_empty
+            ends = np.cumsum(lengths)
+            for i, split in enumerate(splits):
+                writers[split].add(tokens[ends[i] - lengths[i] : ends[i]], int(n_bytes[i]))
+        split_meta = {s: w.finish() for s, w in writers.items()}
+    except BaseException as e:  # a full disk, Ctrl-C: no shard is left half-written
+        open_shards = [w.current["file"] for w in writers.values() if w.file is not None]
+        written = sum(w.abort() for w in writers.values())
+        if disk.is_disk_full(e):
+            what = f"token shard {', '.join(open_shards)}"
+            free = disk.free_bytes(out_dir)
+            raise disk.DiskFull(what, out_dir, None, free, TOKENIZE_AGAIN, written) from None
+        raise
     total = sum(m["tokens"] for m in split_meta.values())
     if total == 0:
         raise UserError("cannot tokenize an empty corpus: the documents hold no text")
@@ -133,18 +145,21 @@ def write_token_shards(
         "sources": [str(f) for f in doc_files],
         "splits": split_meta,
     }
-    _atomic_write(out_dir / META_FILE, json.dumps(meta, indent=2).encode())
+    disk.write_atomic(out_dir / META_FILE, json.dumps(meta, indent=2).encode())
     # The timing is returned but kept out of meta.json, so the whole folder is reproducible.
     speed = {"seconds": round(seconds, 3), "mb_per_s": round(total_bytes / 1e6 / seconds, 3)}
     return {**meta, **speed}
 
 
 def _clear_tokens_dir(out_dir: Path) -> None:
-    """Remove the shards of an earlier run: meta.json first, so no reader trusts a mix."""
+    """Remove the shards of an earlier run: meta.json first, so no reader trusts a mix; what a
+    killed run left half-written is named, with the space it freed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / META_FILE).unlink(missing_ok=True)
+    unfinished = [f"{split}-*.bin.tmp" for split in SPLITS] + [".tmp-*", ".tokenize"]
+    disk.say_removed("tokenize", *disk.remove_stale(out_dir, unfinished))
     for split in SPLITS:
-        for path in [*out_dir.glob(f"{split}-*.bin"), *out_dir.glob(f"{split}-*.bin.tmp")]:
+        for path in out_dir.glob(f"{split}-*.bin"):
             path.unlink()
 
 
@@ -286,7 +301,7 @@ def _tokenize_in_order(
 
 class _ShardWriter:
     """Appends documents to one split's shards, starting a new shard at a document boundary once
-    the current one holds `shard_tokens` tokens."""
+    the current one holds `shard_tokens` tokens. A shard is NAME.tmp until complete."""
 
     def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
         self.out_dir = out_dir
@@ -294,29 +309,43 @@ class _ShardWriter:
         self.dtype = dtype
         self.shard_tokens = shard_tokens
         self.shards: list[dict] = []
-        self.file: Any = None
+        self.file: contextlib.AbstractContextManager | None = None
         self.current: dict = {}
 
     def add(self, tokens: np.ndarray, n_bytes: int) -> None:
         if self.file is None:
             name = f"{self.split}-{len(self.shards):05d}.bin"
             self.current = {"file": name, "tokens": 0, "documents": 0, "bytes": 0}
-            self.file = open(self.out_dir / (name + ".tmp"), "wb")
-        self.file.write(tokens.astype(self.dtype, copy=False).tobytes())
+            self.file = disk.open_file(self._tmp())
+            self.out = self.file.__enter__()
+        self.out.write(tokens.astype(self.dtype, copy=False).tobytes())
         self.current["tokens"] += len(tokens)
         self.current["documents"] += 1
         self.current["bytes"] += n_bytes
         if self.current["tokens"] >= self.shard_tokens:
             self._close_shard()
 
+    def _tmp(self) -> Path:
+        return self.out_dir / (self.current["file"] + ".tmp")
+
     def _close_shard(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        self.file = None
+        assert self.file is not None
+        file, self.file = self.file, None
+        file.__exit__(None, None, None)  # flushed and synced to the disk
         name = self.current["file"]
         os.replace(self.out_dir / (name + ".tmp"), self.out_dir / name)
         self.shards.append(self.current)
+
+    def abort(self) -> int:
+        """After an error: remove the shard being written; returns the bytes it had reached."""
+        if self.file is None:
+            return 0
+        file, self.file = self.file, None
+        with contextlib.suppress(Exception):  # its last writes may fail again
+            file.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        written = disk.tree_bytes(self._tmp())
+        disk.remove(self._tmp())
+        return written
 
     def finish(self) -> dict:
         if self.file is not None:
@@ -327,15 +356,6 @@ class _ShardWriter:
             "bytes": sum(s["bytes"] for s in self.shards),
             "shards": self.shards,
         }
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # -- reading ---------------------------------------------------------------------------------------

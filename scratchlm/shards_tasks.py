@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from scratchlm import disk
 from scratchlm.curate import storage
 from scratchlm.shards import (
     FORMAT_VERSION,
     META_FILE,
     SPLITS,
-    _atomic_write,
     _clear_tokens_dir,
     _forced_splits,
     _iter_docs,
@@ -235,6 +235,6 @@ def write_token_shards_by_tasks(
         "sources": [str(f) for f in doc_files],
         "splits": split_meta,
     }
-    _atomic_write(out_dir / META_FILE, json.dumps(meta, indent=2).encode())
+    disk.write_atomic(out_dir / META_FILE, json.dumps(meta, indent=2).encode())
     speed = {"seconds": round(seconds, 3), "mb_per_s": round(total_bytes / 1e6 / seconds, 3)}
     return {**meta, **speed}

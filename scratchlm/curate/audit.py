@@ -8,6 +8,7 @@ from collections import Counter
 import zstandard
 
 from scratchlm.curate import storage
+from scratchlm.errors import RunFault
 
 REJECT_TEXT_LIMIT = 100_000
 """Rejected texts longer than this are cut in the audit files (a 10 MB line is not kept)."""
@@ -127,11 +128,19 @@ class RejectWriters:
         self.open[step][1].write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
 
     def close(self, error: BaseException | None = None) -> None:
-        """Put the files in place; after an error, discard them."""
+        """Put the files in place; after an error (the caller's, or one met closing, such as a
+        full disk), discard every file not yet in place and raise the first one met here."""
+        failure: BaseException | None = None
         for target, writer in self.open.values():
-            writer.close()
-            if error is None:
-                target.__exit__(None, None, None)
-            else:
-                target.__exit__(type(error), error, None)
+            try:
+                writer.close()
+            except Exception as e:
+                failure = failure or e
+            cause = error or failure
+            try:
+                target.__exit__(None if cause is None else type(cause), cause, None)
+            except Exception as e:  # open_write names a full disk: the better error to show
+                failure = e if failure is None or isinstance(e, RunFault) else failure
         self.open.clear()
+        if failure is not None and error is None:
+            raise failure

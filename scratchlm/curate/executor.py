@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from scratchlm.errors import UserError
+from scratchlm.errors import RunFault, UserError
 
 EXECUTORS = ("local", "ray")
 RAY_MAX_RETRIES = 3
@@ -161,6 +161,8 @@ class RayExecutor:
                         ray.cancel(other)
                     if isinstance(getattr(e, "cause", None), UserError):
                         raise UserError(str(e.cause)) from None
+                    if isinstance(getattr(e, "cause", None), RunFault):  # a full disk, ...
+                        raise RunFault(str(e.cause)) from None
                     raise
                 self.tasks_per_node[node] += 1
                 progress.update()

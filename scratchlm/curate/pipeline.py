@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from scratchlm import disk
 from scratchlm.curate import dedup, storage
 from scratchlm.curate.audit import RejectWriters, ShardStats, merge_stats, utf8_len
 from scratchlm.curate.config import ALL_STEPS, EXECUTION_KEYS, CurateConfig
@@ -321,6 +322,11 @@ def run_curate(
     out = str(out)
     if storage.exists(out) and not storage.is_dir(out):
         raise UserError(f"--out {out} exists and is not a folder")
+    if not storage.is_remote(out):  # files a killed run was writing (the CLI holds OUT's lock)
+        disk.say_removed(
+            "curate",
+            *disk.remove_stale(Path(storage.local_path(out)), [f"**/*{storage.TMP_SUFFIX}"]),
+        )
     _prepare_out(out, _fingerprint(shards, cfg, steps))
     pre, dedup_steps, post = _split_steps(steps)
     work = storage.join(out, ".work")

@@ -18,9 +18,15 @@ import os
 import posixpath
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO
 
+from scratchlm import disk
+
 FILE_PREFIX = "file://"
+TMP_SUFFIX = ".tmp"
+"""A local file being written (open_write) is NAME.tmp until complete."""
+RERUN = "run the same command again (finished work is kept)"
 
 
 def is_remote(path: str) -> bool:
@@ -146,16 +152,14 @@ def open_write(path: str) -> Iterator[IO[bytes]]:
         f.close()
         return
     path = local_path(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + TMP_SUFFIX
+    # A full disk is one line naming the file (a DiskFull, raised in the task's process too).
+    with disk.writing(os.path.basename(path), Path(folder), None, [Path(tmp)], then=RERUN):
+        with disk.open_file(Path(tmp)) as f:
             yield f
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    os.replace(tmp, path)
+        os.replace(tmp, path)
 
 
 def read_bytes(path: str) -> bytes:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scratchlm import disk
 from scratchlm.errors import UserError
 from scratchlm.model import Transformer
 from scratchlm.tokenizer import CHAT_TEMPLATE_JINJA, SPLIT_PATTERN, Tokenizer
@@ -174,22 +175,28 @@ def export_gguf(
     )
     writer.add_chat_template(template)
 
+    needed = 1 << 20  # the header and the vocabulary
     for tensor_name, tensor in tensors:
         data = tensor.numpy()
         if data.ndim == 1 or dtype == "f32":
-            writer.add_tensor(tensor_name, data.astype(np.float32))
+            stored = data.astype(np.float32)
+            writer.add_tensor(tensor_name, stored)
         elif dtype == "q8_0" and data.shape[-1] % Q8_BLOCK == 0:
-            quantized = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(tensor_name, quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            stored = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(tensor_name, stored, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
-            writer.add_tensor(tensor_name, data.astype(np.float16))
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    tmp.replace(out)
+            stored = data.astype(np.float16)
+            writer.add_tensor(tensor_name, stored)
+        needed += stored.nbytes
+    with disk.writing(out.name, out.parent, needed, [tmp], then="export again"):
+        disk.check_room(out.name, out.parent, needed, then="export again")
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        tmp.replace(out)
     return out
 
 

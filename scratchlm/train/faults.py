@@ -36,12 +36,7 @@ def take_run_folder(owner: object, stage: str, run_dir: Path, stage_dir: Path) -
     unlock = weakref.finalize(owner, runlock.release, run_dir)
     names, freed = ckpt.remove_stale(stage_dir)
     run_names, run_freed = disk.remove_stale(run_dir, [f"{ckpt.TMP_PREFIX}*"])
-    if names or run_names:
-        print(
-            f"{stage}: removed what an interrupted run left half-written "
-            f"({', '.join(names + run_names)}), freeing {disk.format_bytes(freed + run_freed)}",
-            flush=True,
-        )
+    disk.say_removed(stage, names + run_names, freed + run_freed)
     return unlock
 
 
