@@ -4,13 +4,14 @@ Every writer of scratchlm opens its files through `scratchlm.disk.open_file` (an
 safetensors through `disk.save_safetensors`). `install` wraps both: the writes go to the real
 files, byte for byte, until a budget of bytes is spent; the write that crosses it writes its part
 within the budget and then raises ENOSPC (and every later write too, as a full disk does), or kills
-the process with SIGKILL on the spot.
+the process and its workers with SIGKILL on the spot (run it in a session of its own).
 
 Run as a script, it installs the wrapper in a fresh process and runs the scratchlm CLI:
 
     python tests/fault_inject.py --enospc-after 300000 -- pretrain --run-dir R ...
     python tests/fault_inject.py --kill-after 300000 -- pretrain --run-dir R ...
     python tests/fault_inject.py --kill-at-seconds 0.4 -- pretrain ...   # into the training loop
+    python tests/fault_inject.py --kill-at-seconds 0.4 --timer curate -- curate ...
     python tests/fault_inject.py --log-writes W.json -- pretrain ...    # record what is written
     python tests/fault_inject.py --nan-at-steps 5,6 -- pretrain ...     # a diverging loss
     python tests/fault_inject.py --oom-at-step 3 -- pretrain ...        # out of memory
@@ -53,7 +54,7 @@ class WriteBudget:
         if len(part) < len(data):
             real.flush()
             if self.action == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
+                kill_everything()
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         return len(data)
 
@@ -93,25 +94,43 @@ def install(budget: WriteBudget, setattr_=setattr) -> WriteBudget:
     return budget
 
 
-def time_training(record: dict[str, float], kill_at: float | None = None) -> None:
-    """Record how long the training loop runs; with `kill_at`, SIGKILL this process that many
-    seconds after it starts."""
-    from scratchlm.train.loop import Session
+TIMED = {
+    "training": ("scratchlm.train.loop", "Session", "run"),
+    "curate": ("scratchlm.curate.pipeline", None, "run_curate"),
+    "tokenize": ("scratchlm.shards", None, "write_token_shards"),
+}
+"""What a timer counts from: the training loop, a curation run, a tokenization."""
 
-    run = Session.run
 
-    def timed_run(self, *args, **kwargs):
+def time_stage(stage: str, record: dict[str, float], kill_at: float | None = None) -> None:
+    """Record how long `stage` (a key of TIMED) runs; with `kill_at`, SIGKILL this process and
+    its workers that many seconds after it starts."""
+    import importlib
+
+    module_name, class_name, name = TIMED[stage]
+    owner = importlib.import_module(module_name)
+    if class_name is not None:
+        owner = getattr(owner, class_name)
+    run = getattr(owner, name)
+
+    def timed(*args, **kwargs):
         if kill_at is not None:
-            timer = threading.Timer(kill_at, os.kill, (os.getpid(), signal.SIGKILL))
+            timer = threading.Timer(kill_at, kill_everything)
             timer.daemon = True
             timer.start()
         start = time.time()
         try:
-            return run(self, *args, **kwargs)
+            return run(*args, **kwargs)
         finally:
-            record["train_seconds"] = record.get("train_seconds", 0.0) + time.time() - start
+            record["seconds"] = record.get("seconds", 0.0) + time.time() - start
 
-    Session.run = timed_run
+    setattr(owner, name, timed)
+
+
+def kill_everything() -> None:
+    """SIGKILL this process and every process it started (its worker pool), as a scheduler or
+    the OOM killer ends a job. The caller runs it in a session of its own."""
+    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def bad_steps(steps: set[int], fault: str) -> None:
@@ -143,6 +162,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--enospc-after", type=int)
     p.add_argument("--kill-after", type=int)
     p.add_argument("--kill-at-seconds", type=float)
+    p.add_argument("--timer", choices=sorted(TIMED), default="training", help="counted from")
     p.add_argument("--nan-at-steps", help="comma-separated training steps whose loss is NaN")
     p.add_argument("--oom-at-step", type=int, help="a training step that runs out of memory")
     p.add_argument("--log-writes", type=Path, help="write [path, offset, bytes] rows here")
@@ -155,7 +175,7 @@ def main(argv: list[str]) -> int:
     else:
         budget = install(WriteBudget(args.enospc_after, "enospc"))
     timing: dict[str, float] = {}
-    time_training(timing, args.kill_at_seconds)
+    time_stage(args.timer, timing, args.kill_at_seconds)
     if args.nan_at_steps:
         bad_steps({int(s) for s in args.nan_at_steps.split(",")}, "nan")
     if args.oom_at_step is not None:

@@ -69,7 +69,8 @@ class Reference:
     run: Path
     writes: list
     """[path, offset, bytes] of every write of the uninterrupted run."""
-    train_seconds: float
+    seconds: float
+    """How long the stage itself ran (not the start-up)."""
 
 
 def scratchlm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -83,12 +84,15 @@ def scratchlm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def injected(flags: list[str], args: list[str]) -> subprocess.CompletedProcess:
+    """The CLI under the fault injector, in a session of its own: its kills end it and its
+    workers, not the caller."""
     return subprocess.run(
         [sys.executable, str(INJECT), *flags, "--", *args],
         capture_output=True,
         text=True,
         env=ENV,
         timeout=300,
+        start_new_session=True,
     )
 
 
@@ -132,7 +136,7 @@ def reference(corpus: Path, dst: Path) -> Reference:
     if proc.returncode != 0:
         raise RuntimeError(f"the reference run failed: {proc.stderr[-2000:]}")
     record = json.loads(log.read_text())
-    return Reference(run, record["writes"], record["train_seconds"])
+    return Reference(run, record["writes"], record["seconds"])
 
 
 def seen_line(proc: subprocess.CompletedProcess) -> str:
@@ -209,8 +213,9 @@ def _resume(run: Path) -> tuple[subprocess.CompletedProcess, str]:
 
 
 def _file_name(ref: Reference, path: str) -> str:
-    """A written file's path in the run folder, without the writer's PID."""
-    return re.sub(r"-\d+(?=/|$)", "", os.path.relpath(path, ref.run))
+    """A written file's path in the run folder, without the writer's PID or .tmp suffix."""
+    name = re.sub(r"-\d+(?=/|$)", "", os.path.relpath(path, ref.run))
+    return name.removesuffix(".tmp")
 
 
 def _write_at(ref: Reference, offset: int) -> str:
@@ -244,7 +249,7 @@ def kill_trial(corpus: Path, ref: Reference, dst: Path, rng: random.Random, by: 
     run = copy_corpus(corpus, dst)
     for attempt in range(4):
         if by == "time":
-            at = rng.uniform(0, ref.train_seconds) / 2**attempt
+            at = rng.uniform(0, ref.seconds) / 2**attempt
             flags, point = ["--kill-at-seconds", f"{at:.3f}"], f"{at:.2f} s into training"
         else:
             at = _random_byte(ref, rng)
