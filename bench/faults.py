@@ -5,10 +5,9 @@ the losses and checkpoints of an uninterrupted run), where it struck and the lin
     python bench/faults.py [--kills 20] [--disk-fulls 10] [--data-kills 10] [--data-disk-fulls 4]
                            [--seed 0] [--json]
 
-Curation (`scratchlm curate` of two bundled web files, 2 shards with duplicates
-and rejections) and tokenization (`scratchlm
-tokenize` of the result) are killed and run out of disk too; their rerun must give the files of an
-uninterrupted run.
+Curation (`scratchlm curate` of two bundled web files: 2 shards, with duplicates and rejections)
+and tokenization (`scratchlm tokenize` of the result) are killed and run out of disk too; their
+rerun must give the files of an uninterrupted run.
 
 The trials are those of tests/fault_trials.py (the slow test runs the same). The real-tmpfs rows
 need root to mount a tmpfs; elsewhere they are left out, with the reason printed.

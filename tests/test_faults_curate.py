@@ -16,7 +16,7 @@ from scratchlm.curate.pipeline import run_curate
 from scratchlm.documents import document_files
 from scratchlm.shards import write_token_shards
 
-CFG = load_recipe(None, [*dt.CURATE, "curate.workers=1"]).curate
+CFG = load_recipe(None, ["curate.workers=1"]).curate
 
 
 @pytest.fixture(scope="module")
