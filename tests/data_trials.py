@@ -127,7 +127,8 @@ def _kill(args: list[str], ref: Reference, rng: random.Random, by: str, timer: s
     for attempt in range(4):
         if by == "time":
             at = rng.uniform(0, ref.seconds) / 2**attempt
-            flags, point = ["--kill-at-seconds", f"{at:.3f}", "--timer", timer], f"{at:.2f} s in"
+            flags = ["--kill-at-seconds", f"{at:.3f}", "--timer", timer]
+            point = f"{at:.2f} s into {timer}"
         else:
             at = _random_byte(ref, rng)
             flags = ["--kill-after", str(at), "--timer", timer]

@@ -481,10 +481,10 @@ def table(trials: list[Trial], workdir: Path) -> str:
     for fault, group in rows.items():
         recovered = sum(t.recovered for t in group)
         points = [t.point for t in group]
-        timed = sum(p.endswith("into training") for p in points)
+        timed = sum(" s into " in p for p in points)
         written = [p.removeprefix("writing ") for p in points if p.startswith("writing ")]
         files = sorted({p.split("/")[-1].removeprefix(".tmp-") for p in written})
-        where = [f"{timed} at random moments of training"] if timed else []
+        where = [f"{timed} at random moments"] if timed else []
         where += [f"{len(points) - timed} inside writes of {', '.join(files)}"] if files else []
         seen = next((t.seen for t in group if t.seen), "")
         seen = re.sub(re.escape(str(workdir)) + r"/[^/\s]+(/run)?", "RUN", seen)
