@@ -258,14 +258,14 @@ def kill_trial(corpus: Path, ref: Reference, dst: Path, rng: random.Random, by: 
         if killed.returncode == -signal.SIGKILL:
             break
         if killed.returncode != 0:
-            return Trial("SIGKILL", point, False, seen_line(killed), "the run failed")
+            return Trial("SIGKILL, pretrain", point, False, seen_line(killed), "the run failed")
     else:
-        return Trial("SIGKILL", point, False, "", "the run ended before the kill")
+        return Trial("SIGKILL, pretrain", point, False, "", "the run ended before the kill")
     resumed, problem = _resume(run)
     problem = problem or differences(run, ref.run)
     notes = [line for line in resumed.stdout.splitlines() if "resumed from" in line]
     notes += [line for line in resumed.stdout.splitlines() if "no checkpoint" in line]
-    return Trial("SIGKILL", point, not problem, (notes or [""])[0], problem)
+    return Trial("SIGKILL, pretrain", point, not problem, (notes or [""])[0], problem)
 
 
 def disk_full_trial(corpus: Path, ref: Reference, dst: Path, rng: random.Random) -> Trial:
@@ -277,14 +277,14 @@ def disk_full_trial(corpus: Path, ref: Reference, dst: Path, rng: random.Random)
     proc = injected(["--enospc-after", str(at)], pretrain_args(run))
     line = seen_line(proc)
     if proc.returncode != 1 or not line.startswith("error: disk full writing"):
-        return Trial("disk full", point, False, line, f"exit {proc.returncode}")
+        return Trial("disk full, pretrain", point, False, line, f"exit {proc.returncode}")
     if "Traceback" in proc.stderr:
-        return Trial("disk full", point, False, line, "a traceback was printed")
+        return Trial("disk full, pretrain", point, False, line, "a traceback was printed")
     if left := leftovers(run):
-        return Trial("disk full", point, False, line, f"partial files left: {left}")
+        return Trial("disk full, pretrain", point, False, line, f"partial files left: {left}")
     _, problem = _resume(run)
     problem = problem or differences(run, ref.run)
-    return Trial("disk full", point, not problem, line, problem)
+    return Trial("disk full, pretrain", point, not problem, line, problem)
 
 
 def double_launch_trial(corpus: Path, dst: Path) -> Trial:

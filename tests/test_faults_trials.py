@@ -39,5 +39,5 @@ def test_every_fault_over_many_trials(corpus, tmp_path):
     print("\n" + ft.table(trials, tmp_path))
     failed = [t for t in trials if not t.recovered]
     assert not failed, failed
-    assert sum(t.fault == "SIGKILL" for t in trials) >= 20
-    assert sum(t.fault == "disk full" for t in trials) >= 10
+    assert sum(t.fault == "SIGKILL, pretrain" for t in trials) >= 20
+    assert sum(t.fault == "disk full, pretrain" for t in trials) >= 10
