@@ -202,7 +202,10 @@ def disk_full_tokenize_trial(corpus: Path, ref: Reference, dst: Path, rng: rando
     if "Traceback" in proc.stderr:
         problems.append("a traceback was printed")
     tokens = run / "tokens"
-    if left := [p.name for p in tokens.iterdir() if "tmp" in p.name or p.name.startswith(".")]:
+    left = [str(p.relative_to(run)) for p in run.rglob("*") if ".tmp" in p.name]
+    if tokens.is_dir():
+        left += [p.name for p in tokens.iterdir() if p.name.startswith(".")]
+    if left:
         problems.append(f"partial files left: {left}")
     if not problems:
         again = injected([], tokenize_args(run))

@@ -215,7 +215,9 @@ def _resume(run: Path) -> tuple[subprocess.CompletedProcess, str]:
 def _file_name(ref: Reference, path: str) -> str:
     """A written file's path in the run folder, without the writer's PID or .tmp suffix."""
     name = re.sub(r"-\d+(?=/|$)", "", os.path.relpath(path, ref.run))
-    return name.removesuffix(".tmp")
+    while name.startswith("../"):
+        name = name[3:]
+    return re.sub(r"(^|/)\.tmp-", r"\1", name).removesuffix(".tmp")
 
 
 def _write_at(ref: Reference, offset: int) -> str:

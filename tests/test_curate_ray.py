@@ -325,3 +325,19 @@ def test_user_error_in_a_task_is_one_line_on_ray(ray_instance, tmp_path):
     (tmp_path / "a.txt").write_text("one\ntwo\n")
     with pytest.raises(UserError, match=r"curate.text_separator '\(': "):
         curate([tmp_path / "a.txt"], tmp_path / "out", "ray", text_separator="(")
+
+
+def test_a_full_disk_in_a_ray_task_is_one_line(ray_instance, tmp_path):
+    """A real full disk (a 64 KiB tmpfs as OUT; mounting needs root) met by a Ray task."""
+    from fault_trials import Unavailable, tmpfs
+
+    from scratchlm.errors import RunFault
+
+    try:
+        with tmpfs(tmp_path / "small", 64 * 1024):
+            with pytest.raises(RunFault, match=r"^disk full writing .* to .*: needs more than "):
+                curate([WEB], tmp_path / "small" / "out", "ray")
+            assert not list((tmp_path / "small").rglob("*.tmp"))
+    except Unavailable as e:
+        print(f"skipped: {e}")
+        pytest.skip(str(e))

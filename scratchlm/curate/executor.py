@@ -20,6 +20,8 @@ from scratchlm.errors import RunFault, UserError
 
 EXECUTORS = ("local", "ray")
 RAY_MAX_RETRIES = 3
+CANCEL_WAIT_S = 60
+"""How long a failed map waits for the tasks it cancelled to end."""
 """Times Ray reruns a task whose worker process or node died; a task that raises is not rerun."""
 FORWARDED_ENV_PREFIXES = ("FSSPEC_",)
 """Driver environment variables the Ray job's workers get too: fsspec's own settings (endpoints,
@@ -159,6 +161,8 @@ class RayExecutor:
                 except ray.exceptions.RayTaskError as e:
                     for other in pending:
                         ray.cancel(other)
+                    # Cancelled tasks remove their partial files; none writes once this raises.
+                    ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
                     if isinstance(getattr(e, "cause", None), UserError):
                         raise UserError(str(e.cause)) from None
                     if isinstance(getattr(e, "cause", None), RunFault):  # a full disk, ...
