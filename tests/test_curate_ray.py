@@ -329,7 +329,7 @@ def test_user_error_in_a_task_is_one_line_on_ray(ray_instance, tmp_path):
 
 def test_a_full_disk_in_a_ray_task_is_one_line(ray_instance, tmp_path):
     """A real full disk (a 64 KiB tmpfs as OUT; mounting needs root) met by a Ray task."""
-    from fault_trials import Unavailable, tmpfs
+    from tmpfs_trials import Unavailable, tmpfs
 
     from scratchlm.errors import RunFault
 

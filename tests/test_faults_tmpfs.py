@@ -4,7 +4,8 @@ report it, must become the one-line DiskFull with nothing partial left behind.""
 
 import pytest
 import torch
-from fault_trials import Unavailable, make_corpus, reference, tmpfs, tmpfs_trials
+from fault_trials import make_corpus, reference
+from tmpfs_trials import Unavailable, tmpfs, tmpfs_trials
 
 from scratchlm import disk
 from scratchlm.model import ModelConfig, Transformer
