@@ -123,8 +123,11 @@ def tokens_differences(tokens: Path, ref: Path) -> str:
     return ""
 
 
-def _kill(args: list[str], ref: Reference, rng: random.Random, by: str, timer: str):
+def _kill(args: list[str], output: Path, ref: Reference, rng: random.Random, by: str, timer: str):
+    """SIGKILL the command at a random moment or write; a run that ends first is tried again,
+    from nothing (a rerun over its finished output would end at once), and earlier."""
     for attempt in range(4):
+        shutil.rmtree(output, ignore_errors=True)
         if by == "time":
             at = rng.uniform(0, ref.seconds) / 2**attempt
             flags = ["--kill-at-seconds", f"{at:.3f}", "--timer", timer]
@@ -145,7 +148,7 @@ def kill_curate_trial(ref: Reference, dst: Path, rng: random.Random, by: str) ->
     """SIGKILL of `scratchlm curate` (with 2 worker processes when by="time"), then the same
     command again."""
     workers = 2 if by == "time" else 1
-    point, problem = _kill(curate_args(dst, workers), ref, rng, by, "curate")
+    point, problem = _kill(curate_args(dst, workers), dst, ref, rng, by, "curate")
     if problem:
         return Trial("SIGKILL, curate", point, False, "", problem)
     again = injected([], curate_args(dst, workers))
@@ -160,7 +163,7 @@ def kill_tokenize_trial(
 ) -> Trial:
     """SIGKILL of `scratchlm tokenize`, then the same command again."""
     run = _copy_run(corpus, dst)
-    point, problem = _kill(tokenize_args(run), ref, rng, by, "tokenize")
+    point, problem = _kill(tokenize_args(run), run / "tokens", ref, rng, by, "tokenize")
     if problem:
         return Trial("SIGKILL, tokenize", point, False, "", problem)
     again = injected([], tokenize_args(run))

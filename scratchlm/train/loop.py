@@ -396,6 +396,8 @@ class Session:
         # The clock continues from the checkpoint, so a time budget spans a resume.
         self._start = time.time() - self.elapsed_before
         self._factor = lr_factor(self.step, cfg, elapsed=self.elapsed_before)
+        if self.restored is not None:  # the factor of the last step taken, saved again as it was
+            self._factor = self.restored.trainer_state.get("lr_factor", self._factor)
         last_val: dict[str, float] = {}
         bar = tqdm(
             total=cfg.max_steps,
@@ -449,7 +451,11 @@ class Session:
                         self.save(stateful)
                 bar.close()
                 last_val = self._evaluate(evaluate, None)
-            final = self.save(stateful)
+            # A resume of a finished run takes no step: its last checkpoint stays as it was.
+            unchanged = (
+                self.restored is not None and self.step == self.restored.trainer_state["step"]
+            )
+            final = self.restored.path if unchanged else self.save(stateful)
         finally:  # also on a stop or an error: close the bar, leave the process group, unlock
             bar.close()
             parallel.shutdown(dist)
