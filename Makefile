@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH) -e '.[dev]'
+	$(PY) -m pip install -q $(TORCH) -e '.[dev,eval]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -23,7 +23,7 @@ test: setup
 
 # The slow tests include DeepSpeed, an optional extra.
 $(VENV)/.installed-deepspeed: $(VENV)/.installed
-	$(PY) -m pip install -q $(TORCH) -e '.[dev,deepspeed]'
+	$(PY) -m pip install -q $(TORCH) -e '.[dev,eval,deepspeed]'
 	touch $@
 
 test-slow: $(VENV)/.installed-deepspeed
