@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH) -e '.[dev,eval]'
+	$(PY) -m pip install -q $(TORCH) -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -18,11 +18,16 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m scratchlm pipeline recipes/tiny.toml --run-dir runs/tiny
 
-test: setup
+# The tests check the benchmark tasks against lm-evaluation-harness, an optional extra.
+$(VENV)/.installed-eval: $(VENV)/.installed
+	$(PY) -m pip install -q $(TORCH) -e '.[dev,eval]'
+	touch $@
+
+test: $(VENV)/.installed-eval
 	$(PY) -m pytest -q -n 2
 
 # The slow tests include DeepSpeed, an optional extra.
-$(VENV)/.installed-deepspeed: $(VENV)/.installed
+$(VENV)/.installed-deepspeed: $(VENV)/.installed-eval
 	$(PY) -m pip install -q $(TORCH) -e '.[dev,eval,deepspeed]'
 	touch $@
 

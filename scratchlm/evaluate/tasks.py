@@ -65,6 +65,8 @@ class EvalOptions:
     """Prompts through the chat template, few-shot examples as turns."""
     max_gen_toks: int = 256
     runtime: Runtime = field(default_factory=lambda: pick_runtime("cpu", "fp32"))
+    examples: bool = False
+    """Also return each example's (log-likelihood, greedy) per request, under "examples"."""
 
 
 class Task:
@@ -240,6 +242,8 @@ class PromptTask(Task):
         result["shots"] = shots
         result["seconds"] = round(time.perf_counter() - started, 3)
         if len(parts) > 1:
+            if options.examples:
+                result["examples"] = [e for p in parts.values() for e in p.pop("examples")]
             result["subtasks"] = parts
         return result
 
@@ -278,7 +282,10 @@ class ScoredTask(PromptTask):
         scored = score_requests(model, examples, options.batch_size, options.runtime)
         parts, at = {}, 0
         for name, docs, _ in prepared:
-            parts[name] = self.metrics(docs, scored[at : at + len(docs)])
+            part = scored[at : at + len(docs)]
+            parts[name] = self.metrics(docs, part)
+            if options.examples:
+                parts[name]["examples"] = [[list(r) for r in results] for results in part]
             at += len(docs)
         return parts
 
