@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm.evaluate.gsm8k import FLEXIBLE, STRICT, exact_match, extract
-from scratchlm.evaluate.scoring import encode_pair, rolling_windows, score_requests
+from scratchlm.evaluate.scoring import _tries, encode_pair, rolling_windows, score_requests
 from scratchlm.evaluate.tasks import combine
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.train.device import pick_runtime
@@ -59,6 +59,19 @@ def test_tree_packed_scores_equal_one_row_per_request(model):
             )
             assert ll == pytest.approx(want_ll, abs=1e-4)
             assert greedy == want_greedy
+
+
+def test_a_shared_prefix_is_computed_once():
+    preamble = list(range(40, 60))  # a few-shot preamble every example starts with
+    examples = [[(preamble + [e, 1], [c]) for c in (2, 3, 4)] for e in range(5)]
+    (trie,) = _tries(examples, max_len=64)
+    # The preamble once, then per example its two own tokens; the choices share the input.
+    assert len(trie.tokens) == 20 + 5 * 2
+    tokens, positions, ends, paths = trie.layout()
+    assert positions[:20] == list(range(20)) and max(positions) == 21
+    for (example, request), path in zip(trie.owners, paths, strict=True):
+        context, _ = examples[example][request]
+        assert [tokens[k] for k in path] == context
 
 
 def test_greedy_flag_is_true_when_the_continuation_is_the_argmax(model):

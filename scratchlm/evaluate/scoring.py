@@ -3,11 +3,12 @@
 The harness scores each (context, continuation) pair as its own row: the context's trailing
 spaces move to the continuation, the pair is encoded whole and split at the context's length,
 and a pair longer than the model's context keeps its last max_len + 1 tokens. This module builds
-exactly those token sequences, then computes them differently: the requests of one example
-(its answer choices) share their common prefix, so each example becomes one tree, a shared
-prefix followed by one branch per choice, whose tokens attend to the prefix and to their own
-branch only, at the positions they would have alone. Trees of many examples are packed into
-rows and scored in batches, so a shared context is computed once and rows hold no padding.
+exactly those token sequences, then computes them differently. The input sequences go into a
+token trie, so a prefix that several requests share (an example's context before its answer
+choices, a few-shot preamble that examples share) is computed once: each trie node is one token,
+placed at its depth as position and attending to its ancestors only, which is what it would see
+in a row of its own. Tries of up to max_len tokens are packed into rows, longest first, and
+scored in batches, so rows hold almost no padding.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import bisect
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -87,70 +87,127 @@ def rolling_windows(tokens: list[int], prefix_id: int, max_len: int) -> list[Pai
 
 
 class TreeAttention(AttentionContext):
-    """Attention inside packed trees: a token sees earlier tokens of its tree that are in the
-    shared prefix or in its own branch. positions, segment and branch are [B, T]."""
+    """Attention inside packed tries laid out in depth-first order: a token sees the tokens of
+    its own path from the root. With `end` [B, T] the index just past each token's subtree,
+    token j is on token i's path exactly when j <= i < end[j]."""
 
-    def __init__(self, positions: torch.Tensor, segment: torch.Tensor, branch: torch.Tensor):
+    def __init__(self, positions: torch.Tensor, end: torch.Tensor):
         super().__init__(positions)
-        T = segment.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=segment.device).tril()
-        same_tree = segment[:, :, None] == segment[:, None, :]
-        visible_branch = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
-        self.mask = (causal & same_tree & visible_branch)[:, None]
+        index = torch.arange(end.shape[1], device=end.device)
+        visible = (index[None, None, :] <= index[None, :, None]) & (
+            index[None, :, None] < end[:, None, :]
+        )
+        # An additive float mask, made once for all layers: SDPA on CPU runs it faster than a
+        # boolean one, which it converts at every call.
+        self.mask = torch.zeros(visible.shape, device=end.device).masked_fill(
+            ~visible, float("-inf")
+        )[:, None]
 
     def attend(self, layer, q, k, v):  # type: ignore[override]
+        if self.mask.dtype != q.dtype:  # bf16 under autocast: the mask must match the queries
+            self.mask = self.mask.to(q.dtype)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=self.mask, enable_gqa=q.shape[1] != k.shape[1]
         )
 
 
-@dataclass
-class _Tree:
-    """Requests of one example laid out as their shared prefix and one branch per request."""
+class _Trie:
+    """Input sequences of requests merged on common prefixes; at most max_len nodes."""
 
-    example: int
-    requests: list[int] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    branch: list[int] = field(default_factory=list)
-    reads: list[list[int]] = field(default_factory=list)
-    """Per request: the tree indexes whose logits predict its continuation tokens."""
-    targets: list[list[int]] = field(default_factory=list)
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.tokens: list[int] = []
+        self.children: list[dict[int, int]] = [{}]  # node 0 is the root, not a token
+        self.owners: list[tuple[int, int]] = []  # (example, request) of each path below
+        self.paths: list[list[int]] = []
+        self.targets: list[list[int]] = []
+
+    def new_nodes(self, seqs: list[list[int]]) -> int:
+        """How many nodes adding these sequences would create."""
+        created: dict[tuple[int, int], int] = {}  # (parent, token) -> a new node's stand-in id
+        for seq in seqs:
+            node = 0
+            for token in seq:
+                child = self.children[node].get(token) if node >= 0 else None
+                if child is None:
+                    child = created.setdefault((node, token), -1 - len(created))
+                node = child
+        return len(created)
+
+    def add(self, owner: tuple[int, int], seq: list[int], target: list[int]) -> None:
+        node, path = 0, []
+        for token in seq:
+            child = self.children[node].get(token)
+            if child is None:
+                child = len(self.children)
+                self.children[node][token] = child
+                self.children.append({})
+                self.tokens.append(token)
+            path.append(child)
+            node = child
+        self.owners.append(owner)
+        self.paths.append(path)
+        self.targets.append(target)
+
+    def layout(self) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+        """Depth-first order: tokens, positions (depths), subtree ends, and per path the
+        indexes of its nodes in that order."""
+        order = [0] * len(self.children)
+        tokens, positions, ends = [], [], []
+        stack = [(child, 0) for child in reversed(self.children[0].values())]
+        opened: list[int] = []
+        while stack:
+            node, depth = stack.pop()
+            while opened and positions[opened[-1]] >= depth:
+                ends[opened.pop()] = len(tokens)
+            order[node] = len(tokens)
+            opened.append(len(tokens))
+            tokens.append(self.tokens[node - 1])
+            positions.append(depth)
+            ends.append(0)
+            stack += [(child, depth + 1) for child in reversed(self.children[node].values())]
+        for index in opened:
+            ends[index] = len(tokens)
+        return tokens, positions, ends, [[order[n] for n in path] for path in self.paths]
 
 
-def _trees(example: int, requests: Sequence[Pair], max_len: int) -> list[_Tree]:
-    """The example's requests as trees of at most max_len tokens (the model's limit on a row):
-    usually one; more when the branches do not fit beside one copy of the prefix."""
-    inputs = []
-    # A continuation longer than the context window is scored on its last max_len tokens (the
-    # harness's hf model refuses it outright).
-    requests = [(ctx, cont[-max_len:]) for ctx, cont in requests]
-    for ctx, cont in requests:
-        if not cont:
-            raise ValueError("a request needs at least one continuation token")
-        inputs.append((ctx + cont)[-(max_len + 1) : -1])
-    shared = inputs[0]
-    prefix = min(len(seq) for seq in inputs)
-    for seq in inputs[1:]:
-        prefix = next((i for i in range(prefix) if seq[i] != shared[i]), prefix)
-    trees: list[_Tree] = []
-    for number, (seq, (_, cont)) in enumerate(zip(inputs, requests, strict=True)):
-        if not trees or len(trees[-1].tokens) + len(seq) - prefix > max_len:
-            trees.append(_Tree(example, [], shared[:prefix], list(range(prefix)), [0] * prefix))
-        tree = trees[-1]
-        start = len(tree.tokens)
-        tree.requests.append(number)
-        tree.tokens += seq[prefix:]
-        tree.positions += range(prefix, len(seq))
-        tree.branch += [len(tree.requests)] * (len(seq) - prefix)
-        first = len(seq) - len(cont)
-        tree.reads.append([k if k < prefix else start + k - prefix for k in range(first, len(seq))])
-        tree.targets.append(list(cont))
-    return trees
+def _input(
+    context: list[int], continuation: list[int], max_len: int
+) -> tuple[list[int], list[int]]:
+    """The row the harness scores: (context + continuation) cut to its last max_len + 1 tokens,
+    less the last; a continuation longer than the window is scored on its last max_len tokens
+    (the harness's hf model refuses it outright)."""
+    continuation = continuation[-max_len:]
+    if not continuation:
+        raise ValueError("a request needs at least one continuation token")
+    return (context + continuation)[-(max_len + 1) : -1], continuation
+
+
+def _tries(examples: Sequence[Sequence[Pair]], max_len: int) -> list[_Trie]:
+    """Every request in a trie; examples in token order, so that shared prefixes meet."""
+    inputs = [[_input(c, x, max_len) for c, x in requests] for requests in examples]
+    order = sorted(range(len(examples)), key=lambda e: [s for s, _ in inputs[e]])
+    tries = [_Trie(max_len)]
+    for example in order:
+        seqs = [seq for seq, _ in inputs[example]]
+        if len(tries[-1].tokens) + tries[-1].new_nodes(seqs) > max_len:
+            tries.append(_Trie(max_len))
+        trie = tries[-1]
+        if len(trie.tokens) + trie.new_nodes(seqs) > max_len:
+            # The example's own requests do not fit together: one trie per request.
+            for request, (seq, target) in enumerate(inputs[example]):
+                if trie.tokens and len(trie.tokens) + trie.new_nodes([seq]) > max_len:
+                    trie = _Trie(max_len)
+                    tries.append(trie)
+                trie.add((example, request), seq, target)
+            continue
+        for request, (seq, target) in enumerate(inputs[example]):
+            trie.add((example, request), seq, target)
+    return [t for t in tries if t.paths]
 
 
 def _pack(sizes: list[int], capacity: int) -> list[list[int]]:
-    """Tree indexes grouped into rows of at most `capacity` tokens (best fit, largest first)."""
+    """Trie indexes grouped into rows of at most `capacity` tokens (best fit, largest first)."""
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (room left, row), kept sorted
     for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
@@ -177,17 +234,16 @@ def score_requests(
     """(log-likelihood, whether greedy decoding gives the continuation) of every request, grouped
     by example as given."""
     max_len = model.config.max_seq_len
-    trees = [t for e, requests in enumerate(examples) for t in _trees(e, requests, max_len)]
-    sizes = [len(t.tokens) for t in trees]
+    tries = _tries(examples, max_len)
+    sizes = [len(t.tokens) for t in tries]
     rows = sorted(_pack(sizes, max_len), key=lambda r: -sum(sizes[i] for i in r))
     totals: dict[tuple[int, int], list] = {}
     step = max(1, min(batch_rows, MAX_LOGIT_ELEMENTS // (max_len * model.config.vocab_size)))
     was_training = model.training
     model.eval()
     for first in range(0, len(rows), step):
-        _score_batch(
-            model, [[trees[i] for i in row] for row in rows[first : first + step]], runtime, totals
-        )
+        batch = [[tries[i] for i in row] for row in rows[first : first + step]]
+        _score_batch(model, batch, runtime, totals)
     model.train(was_training)
     return [
         [(totals[(e, r)][0], totals[(e, r)][1]) for r in range(len(requests))]
@@ -195,38 +251,38 @@ def score_requests(
     ]
 
 
-def _score_batch(model, batch: list[list[_Tree]], runtime: Runtime, totals: dict) -> None:
-    """One forward pass over rows of packed trees; adds each request's log-probabilities and
+def _score_batch(model, batch: list[list[_Trie]], runtime: Runtime, totals: dict) -> None:
+    """One forward pass over rows of packed tries; adds each request's log-probabilities and
     greedy flags into totals[(example, request)]."""
-    T = max(sum(len(tree.tokens) for tree in row) for row in batch)
-    columns: dict[str, list[int]] = {"tokens": [], "positions": [], "segment": [], "branch": []}
+    T = max(sum(len(trie.tokens) for trie in row) for row in batch)
+    columns: dict[str, list[int]] = {"tokens": [], "positions": [], "end": []}
     read_rows, read_cols, targets, owners = [], [], [], []
     for b, row in enumerate(batch):
         at = 0
-        for number, tree in enumerate(row):
-            columns["tokens"] += tree.tokens
-            columns["positions"] += tree.positions
-            columns["segment"] += [number] * len(tree.tokens)
-            columns["branch"] += tree.branch
-            for request, reads, cont in zip(tree.requests, tree.reads, tree.targets, strict=True):
+        for trie in row:
+            tokens, positions, ends, paths = trie.layout()
+            columns["tokens"] += tokens
+            columns["positions"] += positions
+            columns["end"] += [at + e for e in ends]
+            for owner, path, target in zip(trie.owners, paths, trie.targets, strict=True):
+                # The last len(target) inputs of the path predict the continuation's tokens.
+                reads = path[len(path) - len(target) :]
                 read_rows += [b] * len(reads)
                 read_cols += [at + k for k in reads]
-                targets += cont
-                owners += [(tree.example, request)] * len(reads)
-            at += len(tree.tokens)
-        # Padding is a tree of its own (segment -1), so no row of the mask is empty.
-        pad = T - at
-        columns["tokens"] += [0] * pad
-        columns["positions"] += [0] * pad
-        columns["segment"] += [-1] * pad
-        columns["branch"] += [0] * pad
+                targets += target
+                owners += [owner] * len(reads)
+            at += len(tokens)
+        # Padding tokens see only themselves, so no row of the mask is empty.
+        columns["tokens"] += [0] * (T - at)
+        columns["positions"] += [0] * (T - at)
+        columns["end"] += range(at + 1, T + 1)
     device = runtime.device
-    tokens, positions, segment, branch = (
+    tokens, positions, end = (
         torch.tensor(columns[k], dtype=torch.long).view(len(batch), T).to(device)
-        for k in ("tokens", "positions", "segment", "branch")
+        for k in ("tokens", "positions", "end")
     )
     with runtime.autocast():
-        logits = model(tokens, context=TreeAttention(positions, segment, branch))
+        logits = model(tokens, context=TreeAttention(positions, end))
     picked = logits[torch.tensor(read_rows, device=device), torch.tensor(read_cols, device=device)]
     logprobs = F.log_softmax(picked.float(), dim=-1)
     target = torch.tensor(targets, device=device)
