@@ -210,7 +210,7 @@ def format_table(scores: dict[str, dict[str, Any]], title: str) -> str:
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
 
 
 def resolve_target(path: Path) -> tuple[Path, Path | None]:
