@@ -101,7 +101,9 @@ def _add_eval_parser(sub) -> None:
         "stage: scratchlm eval [RECIPE] --run-dir DIR (the recipe's eval.tasks, the validation "
         "split and samples). Results go to RUN/eval/<stage>-<step>.json and RUN/eval/results.json.",
     )
-    p.add_argument("target", nargs="?", help="run folder or checkpoint (or a recipe with --run-dir)")
+    p.add_argument(
+        "target", nargs="?", help="run folder or checkpoint (or a recipe with --run-dir)"
+    )
     p.add_argument("--run-dir", type=Path, help="the run folder (stage form)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--tasks", help="comma-separated task names (default: the recipe's eval.tasks)")
@@ -253,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        from scratchlm.train.pretrain import TrainingInterrupted
+        from scratchlm.train.loop import TrainingInterrupted
 
         if isinstance(e, TrainingInterrupted):
-            print(f"pretrain: {e}; continue with --resume", file=sys.stderr)
+            print(f"{e.stage}: {e}; continue with --resume", file=sys.stderr)
             return 128 + e.signum
         raise

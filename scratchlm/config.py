@@ -58,7 +58,10 @@ class ModelSection:
 
 
 @dataclass
-class PretrainConfig:
+class TrainConfig:
+    """The keys every training stage has (pretrain, sft, reward, dpo, ppo, grpo); a stage's
+    section adds its own and may change the defaults."""
+
     max_steps: int = 1000
     max_seconds: float = 0.0
     """Stop by wall clock after this many seconds of the stage (0: no limit)."""
@@ -69,13 +72,10 @@ class PretrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    tokens_per_step: int = 8192
-    """The global batch in tokens; gradient accumulation is derived from it."""
     micro_batch_size: int = 32
+    """Rows per forward pass; lowered (with a note) when a rank's share of the batch is smaller."""
     seed: int = 1337
     eval_every: int = 250
-    eval_tokens: int = 65536
-    """Validation tokens per evaluation."""
     save_every: int = 500
     keep_checkpoints: int = 2
     compile: bool = False
@@ -87,6 +87,17 @@ class PretrainConfig:
     """Benchmark tasks scored every eval_every steps during training (cheap ones: hellaswag)."""
     eval_tasks_limit: int = 200
     """Examples per in-loop task (the first ones of its file)."""
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    tokens_per_step: int = 8192
+    """The global batch in tokens; gradient accumulation is derived from it."""
+    eval_tokens: int = 65536
+    """Validation tokens per evaluation."""
+    init_from: str = ""
+    """A checkpoint (or run folder) whose model and weights training starts from, instead of a
+    freshly initialised [model] (for example one made by `scratchlm import-hf`)."""
 
 
 @dataclass

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from scratchlm.device import pick_runtime
 from scratchlm.evaluate.gsm8k import FLEXIBLE, STRICT, exact_match, extract
 from scratchlm.evaluate.scoring import _tries, encode_pair, rolling_windows, score_requests
 from scratchlm.evaluate.tasks import combine
 from scratchlm.model import ModelConfig, Transformer
-from scratchlm.train.device import pick_runtime
 
 RUNTIME = pick_runtime("cpu", "fp32")
 

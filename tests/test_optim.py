@@ -3,7 +3,11 @@ import math
 import torch
 
 from scratchlm.config import PretrainConfig
-from scratchlm.train.optim import build_optimizer, lr_at
+from scratchlm.train.optim import build_optimizer, lr_factor
+
+
+def lr_at(step, cfg, elapsed=0.0):
+    return cfg.lr * lr_factor(step, cfg, elapsed)
 
 
 def test_warmup_then_cosine_to_min_lr():
@@ -31,6 +35,7 @@ def test_no_weight_decay_on_norms_and_embeddings():
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert len(no_decay["params"]) == 3  # embedding, norm weight and bias
     assert opt.defaults["fused"]
+    assert decay["base_lr"] == no_decay["base_lr"] == PretrainConfig().lr
 
 
 def test_wall_clock_budget_ends_the_decay():
@@ -38,3 +43,9 @@ def test_wall_clock_budget_ends_the_decay():
     assert math.isclose(lr_at(10, cfg, elapsed=50.0), 0.55)
     assert math.isclose(lr_at(10, cfg, elapsed=100.0), 0.1)
     assert lr_at(10, cfg, elapsed=0.0) > 0.99
+
+
+def test_factor_scales_each_group_from_its_own_peak():
+    cfg = PretrainConfig(lr=2.0, min_lr=0.5, warmup_steps=0, max_steps=10)
+    assert lr_factor(0, cfg) == 1.0
+    assert math.isclose(lr_factor(10, cfg), 0.25)

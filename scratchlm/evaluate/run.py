@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from scratchlm.config import Recipe
+from scratchlm.device import Runtime, pick_runtime
 from scratchlm.errors import UserError
 from scratchlm.evaluate.bpb import evaluate_bpb
 from scratchlm.evaluate.tasks import EvalOptions, get_task
@@ -23,7 +24,6 @@ from scratchlm.infer.generate import generate
 from scratchlm.loading import from_checkpoint, is_run_dir, latest_checkpoint_dir
 from scratchlm.shards import check_tokenizer, read_meta
 from scratchlm.train.checkpoint import load_checkpoint
-from scratchlm.train.device import Runtime, pick_runtime
 
 
 def run_tasks(

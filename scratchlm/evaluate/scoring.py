@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from scratchlm.device import Runtime
 from scratchlm.model import AttentionContext
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.device import Runtime
 
 Encoder = Callable[[str], list[int]]
 Pair = tuple[list[int], list[int]]

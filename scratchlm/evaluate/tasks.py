@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from scratchlm.device import Runtime, pick_runtime
 from scratchlm.errors import UserError
 from scratchlm.evaluate.data import DEFAULT_DATA_DIR, check_fields, data_path, read_jsonl
 from scratchlm.evaluate.scoring import (
@@ -44,7 +45,6 @@ from scratchlm.evaluate.scoring import (
     text_encoder,
 )
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.device import Runtime, pick_runtime
 
 HARNESS_FEWSHOT_SEED = 1234
 """lm-evaluation-harness's default --fewshot_random_seed."""
