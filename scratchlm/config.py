@@ -83,10 +83,6 @@ class TrainConfig:
     """auto, cpu, cuda, cuda:N or mps."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on GPUs that support it, fp32 otherwise."""
-    eval_tasks: list[str] = field(default_factory=list)
-    """Benchmark tasks scored every eval_every steps during training (cheap ones: hellaswag)."""
-    eval_tasks_limit: int = 200
-    """Examples per in-loop task (the first ones of its file)."""
 
 
 @dataclass
@@ -98,6 +94,10 @@ class PretrainConfig(TrainConfig):
     init_from: str = ""
     """A checkpoint (or run folder) whose model and weights training starts from, instead of a
     freshly initialised [model] (for example one made by `scratchlm import-hf`)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Benchmark tasks scored every eval_every steps during pretraining (cheap ones: hellaswag)."""
+    eval_tasks_limit: int = 200
+    """Examples per in-loop task (the first ones of its file)."""
 
 
 @dataclass

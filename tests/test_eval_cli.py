@@ -7,16 +7,19 @@ from test_pretrain import TINY, make_corpus_run
 
 from scratchlm import cli
 from scratchlm.config import load_recipe
+from scratchlm.errors import UserError
 from scratchlm.evaluate.run import in_loop_metrics, run_tasks
 from scratchlm.loading import load
 from scratchlm.report import write_report
+from scratchlm.train.metrics import read_metrics
 from scratchlm.train.pretrain import pretrain
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("evalrun")
-    recipe = make_corpus_run(run_dir, ["pretrain.max_steps=2"])
+    tasks = ["pretrain.max_steps=2", "pretrain.eval_tasks=['copa']", "pretrain.eval_tasks_limit=4"]
+    recipe = make_corpus_run(run_dir, tasks)
     pretrain(recipe, run_dir, progress=False)
     return run_dir
 
@@ -103,6 +106,14 @@ def test_run_tasks_for_the_training_loop(run):
     assert set(results["blimp"]["subtasks"]) >= {"adjunct_island", "wh_island"}
     flat = in_loop_metrics(results)
     assert set(flat) == {"eval/hellaswag/acc", "eval/hellaswag/acc_norm", "eval/blimp/acc"}
+
+
+def test_pretraining_scores_its_eval_tasks_into_the_metrics(run, tmp_path):
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "val_bpb" in r]
+    assert rows and all(0 <= r["eval/copa/acc"] <= 1 for r in rows)
+    recipe = load_recipe(None, [*TINY, "pretrain.eval_tasks=['copa', 'nope']"])
+    with pytest.raises(UserError, match="unknown task 'nope'"):
+        pretrain(recipe, run, progress=False)
 
 
 def test_report_shows_task_tables_and_in_loop_scores(run, capsys):

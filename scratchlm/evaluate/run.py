@@ -65,6 +65,29 @@ def in_loop_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return flat
 
 
+def in_loop_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task_names: list[str],
+    limit: int,
+    runtime: Runtime,
+) -> dict[str, float]:
+    """What a training loop logs at an evaluation step: `eval/<task>/<metric>` of each task on
+    the first `limit` examples ({} without tasks). The model may be wrapped (DDP, DeepSpeed,
+    torch.compile): the plain module underneath is scored, on every rank alike."""
+    if not task_names:
+        return {}
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return in_loop_metrics(run_tasks(model, tokenizer, task_names, limit=limit, runtime=runtime))
+
+
+def check_task_names(task_names: list[str]) -> None:
+    """A UserError for an unknown task, before any training or loading starts."""
+    for name in task_names:
+        get_task(name)
+
+
 def _is_score(name: str, value: Any) -> bool:
     skip = ("n", "chance", "shots", "seconds", "max_gen_toks")
     return isinstance(value, float) and name not in skip and not name.endswith("_stderr")
@@ -127,8 +150,7 @@ def evaluate_checkpoint(
     harness: bool = False,
 ) -> dict[str, Any]:
     """Evaluate one checkpoint (or a stage folder's newest) and record it under run_dir/eval."""
-    for name in task_names:
-        get_task(name)  # an unknown task fails before the checkpoint is read
+    check_task_names(task_names)  # an unknown task fails before the checkpoint is read
     loaded = load_checkpoint(path)  # read and verified once: the manifest hashes every file
     ckpt = loaded.path
     model, tokenizer = from_checkpoint(loaded, device=options.runtime.device)
