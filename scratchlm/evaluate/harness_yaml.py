@@ -154,7 +154,9 @@ def task_configs(data_dir: str, files: dict[str, str] | None = None) -> dict[str
         ),
         "lambada": {
             "task": "scratchlm_lambada",
-            **_json({"test": where("lambada")}, test_split="test"),
+            # A validation split, as the other one-file tasks: few-shot examples then leave
+            # out the example itself (the harness does not for a test split without a pool).
+            **_json({"validation": where("lambada")}, validation_split="validation"),
             "output_type": "loglikelihood",
             "doc_to_text": "{{context}}",
             "doc_to_target": "{{' ' + continuation}}",
