@@ -6,7 +6,8 @@ For each task, on the same checkpoint and the same examples (the first --limit o
    the parity check, score by score and example by example;
 3. the harness's own `hf` model on the Hugging Face export of the checkpoint: the external check,
    and the speed reference (same batch size, same CPU threads, timed end to end, and also the
-   time spent inside its model calls alone).
+   time spent inside its model calls alone and the process CPU time, steadier than the wall
+   clock on a shared machine).
 
 Prints a table; with --json the last line is one JSON object with, among others,
 max_abs_diff_points (largest score gap to the harness over all tasks, in points) and
@@ -121,16 +122,16 @@ def main() -> None:
             HFLM(pretrained=folder, batch_size=args.batch_size, dtype="float32", device="cpu")
         )
         for name in names:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             ours = get_task(name).run(model, tokenizer, options)
-            ours_s = time.perf_counter() - start
+            ours_s, ours_cpu = time.perf_counter() - start, time.process_time() - cpu
             scores, samples = run_harness(
                 ScratchLM(model, tokenizer, options), [name], options, log_samples=True
             )
             before = hf.seconds
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             hf_scores, _ = run_harness(hf.lm, [name], options, gen_kwargs={"max_gen_toks": budget})
-            hf_s = time.perf_counter() - start
+            hf_s, hf_cpu = time.perf_counter() - start, time.process_time() - cpu
             points, ratio = gaps(ours, scores[name])
             hf_points, hf_ratio = gaps(ours, hf_scores[name])
             rows.append(
@@ -154,6 +155,8 @@ def main() -> None:
                     "same_choice": same_choices(ours, samples.get(name, {})),
                     "seconds": ours_s,
                     "hf_seconds": hf_s,
+                    "cpu_seconds": ours_cpu,
+                    "hf_cpu_seconds": hf_cpu,
                     "hf_model_seconds": hf.seconds - before,
                 }
             )
@@ -161,10 +164,12 @@ def main() -> None:
 
     total, hf_total = sum(r["seconds"] for r in rows), sum(r["hf_seconds"] for r in rows)
     hf_model = sum(r["hf_model_seconds"] for r in rows)
+    cpu, hf_cpu = sum(r["cpu_seconds"] for r in rows), sum(r["hf_cpu_seconds"] for r in rows)
     print(
         f"\nall tasks: in-house {total:.1f} s, harness hf {hf_total:.1f} s "
         f"({hf_model:.1f} s inside its model calls): {hf_total / total:.2f}x "
-        f"({hf_model / total:.2f}x on model time alone)"
+        f"({hf_model / total:.2f}x on model time alone); CPU time {cpu:.1f} s vs "
+        f"{hf_cpu:.1f} s: {hf_cpu / cpu:.2f}x"
     )
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     summary = {
@@ -177,6 +182,7 @@ def main() -> None:
         "max_abs_diff_points_hf": max(r["hf_diff_points"] for r in rows),
         "speedup_vs_harness": hf_total / total,
         "speedup_vs_harness_model_time": hf_model / total,
+        "speedup_vs_harness_cpu_time": hf_cpu / cpu,
         "seconds": total,
         "harness_hf_seconds": hf_total,
         "tasks": rows,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from scratchlm.device import pick_runtime
 from scratchlm.evaluate.gsm8k import FLEXIBLE, STRICT, exact_match, extract
-from scratchlm.evaluate.scoring import _tries, encode_pair, rolling_windows, score_requests
+from scratchlm.evaluate.scoring import _tries, encode_pairs, rolling_windows, score_requests
 from scratchlm.evaluate.tasks import combine
 from scratchlm.model import ModelConfig, Transformer
 
@@ -84,13 +84,19 @@ def test_greedy_flag_is_true_when_the_continuation_is_the_argmax(model):
     assert greedy and not other
 
 
-def test_encode_pair_moves_trailing_spaces_and_uses_bos_for_an_empty_context():
-    encode = lambda text: [ord(c) for c in text]  # noqa: E731
-    assert encode_pair(encode, 0, "Answer: ", "yes") == (
-        [65, 110, 115, 119, 101, 114, 58],
-        [32, 121, 101, 115],
+class CharEncoder:
+    """One token per character, for checking how requests are split."""
+
+    def many(self, texts):
+        return [[ord(c) for c in text] for text in texts]
+
+
+def test_requests_move_trailing_spaces_and_an_empty_context_becomes_bos():
+    (answer, empty), (again,) = encode_pairs(
+        CharEncoder(), 0, [[("Answer: ", "yes"), ("", " ok")], [("Answer:", " yes")]]
     )
-    assert encode_pair(encode, 0, "", " ok") == ([0], [32, 111, 107])
+    assert answer == (list(map(ord, "Answer:")), list(map(ord, " yes"))) == again
+    assert empty == ([0], [32, 111, 107])
 
 
 def test_rolling_windows_cover_the_document_once():

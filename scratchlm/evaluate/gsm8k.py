@@ -13,7 +13,7 @@ import numpy as np
 
 from scratchlm.evaluate.data import data_path
 from scratchlm.evaluate.generation import generate_until, generation_budget
-from scratchlm.evaluate.scoring import mean_stderr, text_encoder
+from scratchlm.evaluate.scoring import TextEncoder, mean_stderr
 from scratchlm.evaluate.tasks import PromptTask, Subset, Turn, register_task, render
 
 STOP_STRINGS = ("Question:", "</s>", "<|im_end|>")
@@ -59,7 +59,7 @@ class GSM8K(PromptTask):
         return doc["answer"]
 
     def evaluate(self, model, tokenizer, prepared, options):
-        encode = text_encoder(tokenizer)
+        encode = TextEncoder(tokenizer)
         budget = generation_budget(model.config.max_seq_len, options.max_gen_toks)
         stop_ids = [tokenizer.eos_id, *([tokenizer.end_id] if options.chat else [])]
         parts = {}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from scratchlm.errors import UserError
 from scratchlm.evaluate.generation import generate_until, generation_budget
-from scratchlm.evaluate.scoring import text_encoder
+from scratchlm.evaluate.scoring import TextEncoder
 from scratchlm.evaluate.tasks import EvalOptions, get_task
 from scratchlm.tokenizer import Tokenizer
 
@@ -42,7 +42,7 @@ class ScratchLM(TemplateLM):
         self.model = model.eval()
         self.scratch_tokenizer = tokenizer
         self.options = options or EvalOptions()
-        self._encode = text_encoder(tokenizer)
+        self._encode = TextEncoder(tokenizer)
 
     @property
     def eot_token_id(self) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,6 @@ from scratchlm.device import Runtime
 from scratchlm.model import AttentionContext
 from scratchlm.tokenizer import Tokenizer
 
-Encoder = Callable[[str], list[int]]
 Pair = tuple[list[int], list[int]]
 """A request in tokens: (context ids, continuation ids)."""
 
@@ -33,39 +32,69 @@ Pair = tuple[list[int], list[int]]
 MAX_LOGIT_ELEMENTS = 1 << 28
 
 
-def text_encoder(tokenizer: Tokenizer) -> Encoder:
+class TextEncoder:
     """encode(text) that turns spelled-out special tokens into their ids (a chat prompt's
     <|user|> markers), as a Hugging Face tokenizer does; everything else is plain text."""
-    specials = tokenizer.special_ids
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
 
-    def encode(text: str) -> list[int]:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.specials = tokenizer.special_ids
+        by_length = sorted(self.specials, key=len, reverse=True)
+        self.pattern = re.compile("|".join(re.escape(t) for t in by_length))
+
+    def __call__(self, text: str) -> list[int]:
         ids: list[int] = []
         at = 0
-        for match in pattern.finditer(text):
+        for match in self.pattern.finditer(text):
             if match.start() > at:
-                ids += tokenizer.encode(text[at : match.start()])
-            ids.append(specials[match.group()])
+                ids += self.tokenizer.encode(text[at : match.start()])
+            ids.append(self.specials[match.group()])
             at = match.end()
         if at < len(text):
-            ids += tokenizer.encode(text[at:])
+            ids += self.tokenizer.encode(text[at:])
         return ids
 
-    return encode
+    def many(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text encoded; those without special tokens in one batch call."""
+        plain = [i for i, t in enumerate(texts) if not self.pattern.search(t)]
+        out: list[list[int]] = [[] for _ in texts]
+        for i, ids in zip(
+            plain, self.tokenizer.encode_batch([texts[i] for i in plain]), strict=True
+        ):
+            out[i] = ids
+        for i in set(range(len(texts))) - set(plain):
+            out[i] = self(texts[i])
+        return out
 
 
-def encode_pair(encode: Encoder, prefix_id: int, context: str, continuation: str) -> Pair:
-    """The harness's tokens for one request. An empty context becomes the prefix token (bos);
-    otherwise the whole text is encoded and split where the context's own tokens end."""
-    if context == "":
-        cont = encode(continuation)
-        return ([prefix_id], cont) if cont[:1] != [prefix_id] else (cont[:1], cont[1:])
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = encode(context + continuation)
-    ctx = encode(context)
-    return ctx, whole[len(ctx) :]
+def encode_pairs(
+    encode: TextEncoder, prefix_id: int, examples: Sequence[Sequence[tuple[str, str]]]
+) -> list[list[Pair]]:
+    """The harness's tokens for each (context, continuation) request. An empty context becomes
+    the prefix token (bos); otherwise the trailing spaces of the context move to the
+    continuation, the whole text is encoded and split where the context's own tokens end."""
+    split = []
+    for requests in examples:
+        for context, continuation in requests:
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            split.append((context, continuation))
+    texts = sorted({t for c, x in split for t in ((c, c + x) if c else (x,))})
+    ids = dict(zip(texts, encode.many(texts), strict=True))
+    pairs: list[Pair] = []
+    for context, continuation in split:
+        if not context:
+            cont = ids[continuation]
+            pairs.append(([prefix_id], cont) if cont[:1] != [prefix_id] else (cont[:1], cont[1:]))
+        else:
+            ctx = ids[context]
+            pairs.append((ctx, ids[context + continuation][len(ctx) :]))
+    out, at = [], 0
+    for requests in examples:
+        out.append(pairs[at : at + len(requests)])
+        at += len(requests)
+    return out
 
 
 def rolling_windows(tokens: list[int], prefix_id: int, max_len: int) -> list[Pair]:
@@ -112,10 +141,10 @@ class TreeAttention(AttentionContext):
 
 
 class _Trie:
-    """Input sequences of requests merged on common prefixes; at most max_len nodes."""
+    """Input sequences of requests merged on common prefixes (kept to max_len nodes by
+    _tries)."""
 
-    def __init__(self, max_len: int) -> None:
-        self.max_len = max_len
+    def __init__(self) -> None:
         self.tokens: list[int] = []
         self.children: list[dict[int, int]] = [{}]  # node 0 is the root, not a token
         self.owners: list[tuple[int, int]] = []  # (example, request) of each path below
@@ -187,17 +216,17 @@ def _tries(examples: Sequence[Sequence[Pair]], max_len: int) -> list[_Trie]:
     """Every request in a trie; examples in token order, so that shared prefixes meet."""
     inputs = [[_input(c, x, max_len) for c, x in requests] for requests in examples]
     order = sorted(range(len(examples)), key=lambda e: [s for s, _ in inputs[e]])
-    tries = [_Trie(max_len)]
+    tries = [_Trie()]
     for example in order:
         seqs = [seq for seq, _ in inputs[example]]
         if len(tries[-1].tokens) + tries[-1].new_nodes(seqs) > max_len:
-            tries.append(_Trie(max_len))
+            tries.append(_Trie())
         trie = tries[-1]
         if len(trie.tokens) + trie.new_nodes(seqs) > max_len:
-            # The example's own requests do not fit together: one trie per request.
+            # The example's requests do not fit in one trie together: they spill over.
             for request, (seq, target) in enumerate(inputs[example]):
                 if trie.tokens and len(trie.tokens) + trie.new_nodes([seq]) > max_len:
-                    trie = _Trie(max_len)
+                    trie = _Trie()
                     tries.append(trie)
                 trie.add((example, request), seq, target)
             continue

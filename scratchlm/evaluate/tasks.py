@@ -37,13 +37,7 @@ import torch
 from scratchlm.device import Runtime, pick_runtime
 from scratchlm.errors import UserError
 from scratchlm.evaluate.data import DEFAULT_DATA_DIR, check_fields, data_path, read_jsonl
-from scratchlm.evaluate.scoring import (
-    Encoder,
-    encode_pair,
-    mean_stderr,
-    score_requests,
-    text_encoder,
-)
+from scratchlm.evaluate.scoring import TextEncoder, encode_pairs, mean_stderr, score_requests
 from scratchlm.tokenizer import Tokenizer
 
 HARNESS_FEWSHOT_SEED = 1234
@@ -274,11 +268,12 @@ class ScoredTask(PromptTask):
         def prompt(turns: list[Turn]) -> str:
             return render(turns, tokenizer, options.chat)
 
-        examples = []
-        for _, docs, openings in prepared:
-            for doc, opening in zip(docs, openings, strict=True):
-                pairs = self.requests(prompt, doc, opening, delimiter)
-                examples.append([encode_pair(encode, prefix, c, x) for c, x in pairs])
+        texts = [
+            self.requests(prompt, doc, opening, delimiter)
+            for _, docs, openings in prepared
+            for doc, opening in zip(docs, openings, strict=True)
+        ]
+        examples = encode_pairs(encode, prefix, texts)
         scored = score_requests(model, examples, options.batch_size, options.runtime)
         parts, at = {}, 0
         for name, docs, _ in prepared:
@@ -372,7 +367,7 @@ class PartialScoringTask(MultipleChoiceTask):
         return [(prompt([*opening, Turn("user", c)]), target) for c in self.choices(doc)]
 
 
-def encoder(tokenizer: Tokenizer) -> tuple[Encoder, int]:
+def encoder(tokenizer: Tokenizer) -> tuple[TextEncoder, int]:
     """The text encoder and the prefix token an empty context gets: bos, which is what the
     harness takes for a tokenizer that has one."""
-    return text_encoder(tokenizer), tokenizer.bos_id
+    return TextEncoder(tokenizer), tokenizer.bos_id
