@@ -64,7 +64,8 @@ def test_tree_packed_scores_equal_one_row_per_request(model):
 def test_a_shared_prefix_is_computed_once():
     preamble = list(range(40, 60))  # a few-shot preamble every example starts with
     examples = [[(preamble + [e, 1], [c]) for c in (2, 3, 4)] for e in range(5)]
-    (trie,) = _tries(examples, max_len=64)
+    inputs = [[(ctx, cont) for ctx, cont in requests] for requests in examples]
+    (trie,) = _tries(inputs, capacity=64)
     # The preamble once, then per example its two own tokens; the choices share the input.
     assert len(trie.tokens) == 20 + 5 * 2
     tokens, positions, ends, paths = trie.layout()

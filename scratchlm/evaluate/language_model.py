@@ -23,6 +23,7 @@ class Lambada(ScoredTask):
     name, harness_name = "lambada", "scratchlm_lambada"
     file = "lambada_openai.jsonl.gz"
     fields = ("context", "continuation")
+    needs_greedy = True
 
     def text(self, doc):
         return doc["context"]
@@ -65,7 +66,7 @@ class Perplexity(Task):
         encode, prefix = encoder(tokenizer)
         max_len = model.config.max_seq_len
         windows = [[w] for doc in docs for w in rolling_windows(encode(doc), prefix, max_len)]
-        scored = score_requests(model, windows, options.batch_size, options.runtime)
+        scored = score_requests(model, windows, options.batch_size, options.runtime, greedy=False)
         total = sum(results[0][0] for results in scored)
         n_bytes = sum(len(doc.encode("utf-8")) for doc in docs)
         n_words = sum(len(re.split(r"\s+", doc)) for doc in docs)

@@ -213,20 +213,20 @@ def _input(
     return (context + continuation)[-(max_len + 1) : -1], continuation
 
 
-def _tries(examples: Sequence[Sequence[Pair]], max_len: int) -> list[_Trie]:
-    """Every request in a trie; examples in token order, so that shared prefixes meet."""
-    inputs = [[_input(c, x, max_len) for c, x in requests] for requests in examples]
-    order = sorted(range(len(examples)), key=lambda e: [s for s, _ in inputs[e]])
+def _tries(inputs: list[list[tuple[list[int], list[int]]]], capacity: int) -> list[_Trie]:
+    """Every request's (input, target) in a trie of at most `capacity` tokens; examples in
+    token order, so that shared prefixes meet."""
+    order = sorted(range(len(inputs)), key=lambda e: [s for s, _ in inputs[e]])
     tries = [_Trie()]
     for example in order:
         seqs = [seq for seq, _ in inputs[example]]
-        if len(tries[-1].tokens) + tries[-1].new_nodes(seqs) > max_len:
+        if len(tries[-1].tokens) + tries[-1].new_nodes(seqs) > capacity:
             tries.append(_Trie())
         trie = tries[-1]
-        if len(trie.tokens) + trie.new_nodes(seqs) > max_len:
+        if len(trie.tokens) + trie.new_nodes(seqs) > capacity:
             # The example's requests do not fit in one trie together: they spill over.
             for request, (seq, target) in enumerate(inputs[example]):
-                if trie.tokens and len(trie.tokens) + trie.new_nodes([seq]) > max_len:
+                if trie.tokens and len(trie.tokens) + trie.new_nodes([seq]) > capacity:
                     trie = _Trie()
                     tries.append(trie)
                 trie.add((example, request), seq, target)
@@ -234,6 +234,13 @@ def _tries(examples: Sequence[Sequence[Pair]], max_len: int) -> list[_Trie]:
         for request, (seq, target) in enumerate(inputs[example]):
             trie.add((example, request), seq, target)
     return [t for t in tries if t.paths]
+
+
+def _row_length(inputs: list[list[tuple[list[int], list[int]]]], max_len: int) -> int:
+    """Rows as short as the largest example allows (a power of two from 32 up to max_len):
+    attention over a row costs its length per token, so short examples pack into short rows."""
+    largest = max(_Trie().new_nodes([seq for seq, _ in requests]) for requests in inputs)
+    return min(max_len, 1 << max(5, (largest - 1).bit_length()))
 
 
 def _pack(sizes: list[int], capacity: int) -> list[list[int]]:
@@ -260,20 +267,28 @@ def score_requests(
     examples: Sequence[Sequence[Pair]],
     batch_rows: int,
     runtime: Runtime,
+    greedy: bool = True,
 ) -> list[list[tuple[float, bool]]]:
     """(log-likelihood, whether greedy decoding gives the continuation) of every request, grouped
-    by example as given."""
+    by example as given. With greedy=False the second is always False and not computed (an
+    argmax over the vocabulary at every scored position)."""
+    if not examples:
+        return []
     max_len = model.config.max_seq_len
-    tries = _tries(examples, max_len)
+    inputs = [[_input(c, x, max_len) for c, x in requests] for requests in examples]
+    length = _row_length(inputs, max_len)
+    tries = _tries(inputs, length)
     sizes = [len(t.tokens) for t in tries]
-    rows = sorted(_pack(sizes, max_len), key=lambda r: -sum(sizes[i] for i in r))
+    rows = sorted(_pack(sizes, length), key=lambda r: -sum(sizes[i] for i in r))
     totals: dict[tuple[int, int], list] = {}
-    step = max(1, min(batch_rows, MAX_LOGIT_ELEMENTS // (max_len * model.config.vocab_size)))
+    # batch_rows counts rows of max_len tokens: shorter rows come more to a batch.
+    rows_per_batch = batch_rows * max_len // length
+    step = max(1, min(rows_per_batch, MAX_LOGIT_ELEMENTS // (length * model.config.vocab_size)))
     was_training = model.training
     model.eval()
     for first in range(0, len(rows), step):
         batch = [[tries[i] for i in row] for row in rows[first : first + step]]
-        _score_batch(model, batch, runtime, totals)
+        _score_batch(model, batch, runtime, totals, greedy)
     model.train(was_training)
     return [
         [(totals[(e, r)][0], totals[(e, r)][1]) for r in range(len(requests))]
@@ -281,7 +296,9 @@ def score_requests(
     ]
 
 
-def _score_batch(model, batch: list[list[_Trie]], runtime: Runtime, totals: dict) -> None:
+def _score_batch(
+    model, batch: list[list[_Trie]], runtime: Runtime, totals: dict, greedy_flags: bool
+) -> None:
     """One forward pass over rows of packed tries; adds each request's log-probabilities and
     greedy flags into totals[(example, request)]."""
     T = max(sum(len(trie.tokens) for trie in row) for row in batch)
@@ -315,11 +332,15 @@ def _score_batch(model, batch: list[list[_Trie]], runtime: Runtime, totals: dict
     needed, which = torch.unique(reads, return_inverse=True)
     with runtime.autocast(), _output_at(model, needed) as selected:
         logits = model(tokens, context=TreeAttention(positions, end))
-    picked = (logits[which] if selected[0] else logits.flatten(0, 1)[reads]).float()
+    # One row of logits per position read (a position may predict for several requests).
+    unique = (logits if selected[0] else logits.flatten(0, 1)[needed]).float()
     target = torch.tensor(targets, device=device)
     # log p(target) = logit - logsumexp, without writing out a log-softmax of every row.
-    chosen = (picked.gather(1, target[:, None])[:, 0] - torch.logsumexp(picked, -1)).tolist()
-    greedy = (picked.argmax(-1) == target).tolist()
+    chosen = (unique[which, target] - torch.logsumexp(unique, -1)[which]).tolist()
+    if greedy_flags:
+        greedy = (unique.argmax(-1)[which] == target).tolist()
+    else:
+        greedy = [False] * len(chosen)
     for owner, logprob, hit in zip(owners, chosen, greedy, strict=True):
         entry = totals.setdefault(owner, [0.0, True])
         entry[0] += logprob

@@ -251,6 +251,9 @@ class PromptTask(Task):
 class ScoredTask(PromptTask):
     """A task scored by log-likelihoods of continuations, all its subsets in one pass."""
 
+    needs_greedy: bool = False
+    """Whether a metric asks if greedy decoding gives the continuation (LAMBADA's acc)."""
+
     def requests(
         self, prompt: Callable[[list[Turn]], str], doc: dict, opening: list[Turn], delimiter: str
     ) -> list[tuple[str, str]]:
@@ -274,7 +277,9 @@ class ScoredTask(PromptTask):
             for doc, opening in zip(docs, openings, strict=True)
         ]
         examples = encode_pairs(encode, prefix, texts)
-        scored = score_requests(model, examples, options.batch_size, options.runtime)
+        scored = score_requests(
+            model, examples, options.batch_size, options.runtime, greedy=self.needs_greedy
+        )
         parts, at = {}, 0
         for name, docs, _ in prepared:
             part = scored[at : at + len(docs)]
