@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm.device import pick_runtime
+from scratchlm.evaluate import scoring
 from scratchlm.evaluate.gsm8k import FLEXIBLE, STRICT, exact_match, extract
 from scratchlm.evaluate.scoring import _tries, encode_pairs, rolling_windows, score_requests
 from scratchlm.evaluate.tasks import combine
@@ -34,7 +35,9 @@ def one_row_each(model, context, continuation):
     )
 
 
-def test_tree_packed_scores_equal_one_row_per_request(model):
+@pytest.mark.parametrize("chunk", [2048, 7])
+def test_tree_packed_scores_equal_one_row_per_request(model, monkeypatch, chunk):
+    monkeypatch.setattr(scoring, "EXAMPLES_PER_CHUNK", chunk)
     rng = random.Random(0)
     examples = []
     for _ in range(30):

@@ -31,6 +31,8 @@ Pair = tuple[list[int], list[int]]
 
 # Logits of one forward pass are kept under this many elements (1 GiB in fp32).
 MAX_LOGIT_ELEMENTS = 1 << 28
+# Examples laid out into tries at a time: bounds the memory of a large task.
+EXAMPLES_PER_CHUNK = 2048
 
 
 class TextEncoder:
@@ -142,13 +144,13 @@ class TreeAttention(AttentionContext):
 
 
 class _Trie:
-    """Input sequences of requests merged on common prefixes (kept to max_len nodes by
-    _tries)."""
+    """Input sequences of requests merged on common prefixes (kept to a row's length by
+    _tries). Node 0 is the root; node k > 0 is tokens[k - 1]."""
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
-        self.children: list[dict[int, int]] = [{}]  # node 0 is the root, not a token
-        self.owners: list[tuple[int, int]] = []  # (example, request) of each path below
+        self.child: dict[tuple[int, int], int] = {}  # (node, token) -> node
+        self.owners: list[tuple[int, int]] = []  # (example, request) of each path
         self.paths: list[list[int]] = []
         self.targets: list[list[int]] = []
 
@@ -158,7 +160,7 @@ class _Trie:
         for seq in seqs:
             node = 0
             for token in seq:
-                child = self.children[node].get(token) if node >= 0 else None
+                child = self.child.get((node, token)) if node >= 0 else None
                 if child is None:
                     child = created.setdefault((node, token), -1 - len(created))
                 node = child
@@ -167,12 +169,10 @@ class _Trie:
     def add(self, owner: tuple[int, int], seq: list[int], target: list[int]) -> None:
         node, path = 0, []
         for token in seq:
-            child = self.children[node].get(token)
+            child = self.child.get((node, token))
             if child is None:
-                child = len(self.children)
-                self.children[node][token] = child
-                self.children.append({})
                 self.tokens.append(token)
+                child = self.child[(node, token)] = len(self.tokens)
             path.append(child)
             node = child
         self.owners.append(owner)
@@ -182,9 +182,12 @@ class _Trie:
     def layout(self) -> tuple[list[int], list[int], list[int], list[list[int]]]:
         """Depth-first order: tokens, positions (depths), subtree ends, and per path the
         indexes of its nodes in that order."""
-        order = [0] * len(self.children)
+        children: list[list[int]] = [[] for _ in range(len(self.tokens) + 1)]
+        for (parent, _), node in self.child.items():  # insertion order: first seen first
+            children[parent].append(node)
+        order = [0] * (len(self.tokens) + 1)
         tokens, positions, ends = [], [], []
-        stack = [(child, 0) for child in reversed(self.children[0].values())]
+        stack = [(child, 0) for child in reversed(children[0])]
         opened: list[int] = []
         while stack:
             node, depth = stack.pop()
@@ -195,7 +198,7 @@ class _Trie:
             tokens.append(self.tokens[node - 1])
             positions.append(depth)
             ends.append(0)
-            stack += [(child, depth + 1) for child in reversed(self.children[node].values())]
+            stack += [(child, depth + 1) for child in reversed(children[node])]
         for index in opened:
             ends[index] = len(tokens)
         return tokens, positions, ends, [[order[n] for n in path] for path in self.paths]
@@ -214,24 +217,23 @@ def _input(
 
 
 def _tries(inputs: list[list[tuple[list[int], list[int]]]], capacity: int) -> list[_Trie]:
-    """Every request's (input, target) in a trie of at most `capacity` tokens; examples in
-    token order, so that shared prefixes meet."""
-    order = sorted(range(len(inputs)), key=lambda e: [s for s, _ in inputs[e]])
+    """Every request's (input, target) in a trie of at most `capacity` tokens, examples taken in
+    the order given (sorted, shared prefixes meet)."""
     tries = [_Trie()]
-    for example in order:
-        seqs = [seq for seq, _ in inputs[example]]
+    for example, requests in enumerate(inputs):
+        seqs = [seq for seq, _ in requests]
         if len(tries[-1].tokens) + tries[-1].new_nodes(seqs) > capacity:
             tries.append(_Trie())
         trie = tries[-1]
         if len(trie.tokens) + trie.new_nodes(seqs) > capacity:
             # The example's requests do not fit in one trie together: they spill over.
-            for request, (seq, target) in enumerate(inputs[example]):
+            for request, (seq, target) in enumerate(requests):
                 if trie.tokens and len(trie.tokens) + trie.new_nodes([seq]) > capacity:
                     trie = _Trie()
                     tries.append(trie)
                 trie.add((example, request), seq, target)
             continue
-        for request, (seq, target) in enumerate(inputs[example]):
+        for request, (seq, target) in enumerate(requests):
             trie.add((example, request), seq, target)
     return [t for t in tries if t.paths]
 
@@ -277,18 +279,24 @@ def score_requests(
     max_len = model.config.max_seq_len
     inputs = [[_input(c, x, max_len) for c, x in requests] for requests in examples]
     length = _row_length(inputs, max_len)
-    tries = _tries(inputs, length)
-    sizes = [len(t.tokens) for t in tries]
-    rows = sorted(_pack(sizes, length), key=lambda r: -sum(sizes[i] for i in r))
-    totals: dict[tuple[int, int], list] = {}
     # batch_rows counts rows of max_len tokens: shorter rows come more to a batch.
     rows_per_batch = batch_rows * max_len // length
     step = max(1, min(rows_per_batch, MAX_LOGIT_ELEMENTS // (length * model.config.vocab_size)))
+    order = sorted(range(len(inputs)), key=lambda e: [seq for seq, _ in inputs[e]])
+    totals: dict[tuple[int, int], list] = {}
     was_training = model.training
     model.eval()
-    for first in range(0, len(rows), step):
-        batch = [[tries[i] for i in row] for row in rows[first : first + step]]
-        _score_batch(model, batch, runtime, totals, greedy)
+    # Examples in sorted chunks, so the tries of a large task are never all in memory at once.
+    for first in range(0, len(order), EXAMPLES_PER_CHUNK):
+        chunk = order[first : first + EXAMPLES_PER_CHUNK]
+        tries = _tries([inputs[e] for e in chunk], length)
+        for trie in tries:  # owners are numbered within the chunk
+            trie.owners = [(chunk[e], r) for e, r in trie.owners]
+        sizes = [len(t.tokens) for t in tries]
+        rows = sorted(_pack(sizes, length), key=lambda r: -sum(sizes[i] for i in r))
+        for at in range(0, len(rows), step):
+            batch = [[tries[i] for i in row] for row in rows[at : at + step]]
+            _score_batch(model, batch, runtime, totals, greedy)
     model.train(was_training)
     return [
         [(totals[(e, r)][0], totals[(e, r)][1]) for r in range(len(requests))]
