@@ -58,13 +58,16 @@ class TextEncoder:
         return ids
 
     def many(self, texts: Sequence[str]) -> list[list[int]]:
-        """Each text encoded; those without special tokens in one batch call."""
+        """Each text encoded; those without special tokens in batch calls (of 1,024: the
+        tokenizer's encodings of a whole task at once would take gigabytes)."""
         plain = [i for i, t in enumerate(texts) if not self.pattern.search(t)]
         out: list[list[int]] = [[] for _ in texts]
-        for i, ids in zip(
-            plain, self.tokenizer.encode_batch([texts[i] for i in plain]), strict=True
-        ):
-            out[i] = ids
+        for first in range(0, len(plain), 1024):
+            part = plain[first : first + 1024]
+            for i, ids in zip(
+                part, self.tokenizer.encode_batch([texts[i] for i in part]), strict=True
+            ):
+                out[i] = ids
         for i in set(range(len(texts))) - set(plain):
             out[i] = self(texts[i])
         return out
