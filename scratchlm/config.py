@@ -83,6 +83,12 @@ class TrainConfig:
     """auto, cpu, cuda, cuda:N or mps."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on GPUs that support it, fp32 otherwise."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss or gradient norm is NaN or infinite is never applied. stop: the run
+    stops there; skip: the step is skipped and counted, and the run goes on."""
+    nonfinite_limit: int = 5
+    """With on_nonfinite = "skip": this many skipped steps in a row stop the run, with a
+    checkpoint."""
 
 
 @dataclass
@@ -281,5 +287,7 @@ def to_toml(data: dict[str, Any]) -> str:
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:
+    from scratchlm.disk import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_toml(recipe.to_dict()))
+    write_atomic(path, to_toml(recipe.to_dict()).encode())

@@ -11,8 +11,9 @@ from scratchlm.model import ModelConfig, Transformer
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.checkpoint import Checkpoint, load_checkpoint, load_weights
 
-# Later stages refine earlier ones; a run's model is the newest stage that has a checkpoint.
-CHECKPOINT_STAGES = ["ppo", "dpo", "sft", "pretrain"]
+# Later stages refine earlier ones; a run's model is the newest stage that has a checkpoint
+# ("imported": a Hugging Face model brought in by `scratchlm import-hf`).
+CHECKPOINT_STAGES = ["ppo", "dpo", "sft", "pretrain", "imported"]
 
 
 def is_run_dir(path: Path) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from scratchlm.config import Recipe
+from scratchlm.disk import write_atomic
 from scratchlm.errors import UserError
 from scratchlm.paths import resolve
 
@@ -84,12 +85,15 @@ class StageLog:
 
     def record(self, stage: str, fp: str, result: dict[str, Any]) -> None:
         self.entries[stage] = {"fingerprint": fp, "result": result}
-        self.path.write_text(json.dumps(self.entries, indent=2, default=str))
+        self._write()
 
     def forget(self, stages: list[str]) -> None:
         for stage in stages:
             self.entries.pop(stage, None)
-        self.path.write_text(json.dumps(self.entries, indent=2, default=str))
+        self._write()
+
+    def _write(self) -> None:  # in one step: a killed run leaves the old file, never half of it
+        write_atomic(self.path, json.dumps(self.entries, indent=2, default=str).encode())
 
 
 def run_curate(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
@@ -135,6 +139,8 @@ def run_tokenize(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         run_dir / "tokens",
         val_fraction=recipe.tokens.val_fraction,
         workers=recipe.tokens.workers,
+        executor=recipe.curate.executor,
+        ray_address=recipe.curate.ray_address,
     )
     return {k: v for k, v in meta.items() if not isinstance(v, (list, dict))}
 
@@ -158,7 +164,7 @@ def run_pretrain(
             drop_rows(run_dir / "metrics.jsonl", "pretrain")
         stage_dir.mkdir(parents=True, exist_ok=True)
         if fingerprint:
-            (stage_dir / "fingerprint").write_text(fingerprint)
+            write_atomic(stage_dir / "fingerprint", fingerprint.encode())
     return pretrain(recipe, run_dir, resume=resume)
 
 
