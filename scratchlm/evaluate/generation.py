@@ -1,7 +1,7 @@
 """Greedy generation until a stop string: the one place evaluation calls the decoder.
 
-It runs scratchlm.infer.generate's token loop with its KV cache, one prompt at a time; the
-harness adapter's generate_until and the GSM8K task both come through here.
+Every prompt goes to scratchlm.infer's batching engine at once (continuous batching over a paged
+KV cache); the harness adapter's generate_until and the GSM8K task both come through here.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from scratchlm.infer.generate import generate
+from scratchlm.infer.engine import Engine
+from scratchlm.infer.sampling import SamplingParams
 from scratchlm.tokenizer import Tokenizer
 
 
@@ -23,22 +24,23 @@ def generation_budget(max_seq_len: int, max_gen_toks: int) -> int:
 def generate_until(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
-    prompt_ids: list[int],
+    prompts: Sequence[list[int]],
     until: Sequence[str],
     max_new_tokens: int,
     stop_ids: Sequence[int],
-) -> str:
-    """The greedy continuation of prompt_ids (left-truncated to leave room for max_new_tokens),
+    batch_size: int = 32,
+) -> list[str]:
+    """The greedy continuation of each prompt (left-truncated to leave room for max_new_tokens),
     decoded without special tokens and cut before the first stop string."""
+    if not prompts:
+        return []
     room = model.config.max_seq_len - max_new_tokens
-    prompt = prompt_ids[-room:]
-    new: list[int] = []
-    stops = [s for s in until if s]
-    for token in generate(model, prompt, max_new_tokens, temperature=0.0, stop_ids=stop_ids):
-        new.append(token)
-        if stops and any(s in tokenizer.decode(new[-32:], skip_special=True) for s in stops):
-            break
-    text = tokenizer.decode(new, skip_special=True)
-    for stop in stops:
-        text = text.split(stop)[0]
-    return text
+    params = SamplingParams(
+        max_tokens=max_new_tokens,
+        temperature=0.0,
+        stop=tuple(s for s in until if s),
+        stop_token_ids=tuple(stop_ids),
+    )
+    engine = Engine(model, tokenizer, max_batch=max(1, min(batch_size, len(prompts))))
+    finished = engine.generate_batch([list(p[-room:]) for p in prompts], params)
+    return [request.text for request in finished]

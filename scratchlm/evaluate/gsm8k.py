@@ -64,16 +64,21 @@ class GSM8K(PromptTask):
         stop_ids = [tokenizer.eos_id, *([tokenizer.end_id] if options.chat else [])]
         parts = {}
         for name, docs, openings in prepared:
-            strict, flexible = [], []
-            for doc, opening in zip(docs, openings, strict=True):
-                prompt = render([*opening, Turn("user", self.text(doc))], tokenizer, options.chat)
-                output = generate_until(
-                    model, tokenizer, encode(prompt), STOP_STRINGS, budget, stop_ids
-                )
-                strict.append(float(exact_match(extract(output, STRICT), doc["answer"])))
-                flexible.append(
-                    float(exact_match(extract(output, FLEXIBLE, last=True), doc["answer"]))
-                )
+            prompts = [
+                encode(render([*opening, Turn("user", self.text(doc))], tokenizer, options.chat))
+                for doc, opening in zip(docs, openings, strict=True)
+            ]
+            outputs = generate_until(
+                model, tokenizer, prompts, STOP_STRINGS, budget, stop_ids, options.batch_size
+            )
+            strict = [
+                float(exact_match(extract(out, STRICT), doc["answer"]))
+                for out, doc in zip(outputs, docs, strict=True)
+            ]
+            flexible = [
+                float(exact_match(extract(out, FLEXIBLE, last=True), doc["answer"]))
+                for out, doc in zip(outputs, docs, strict=True)
+            ]
             parts[name] = {
                 "n": len(docs),
                 "exact_match": float(np.mean(strict)),

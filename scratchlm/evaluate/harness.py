@@ -122,14 +122,22 @@ class ScratchLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         tokenizer = self.scratch_tokenizer
         stop_ids = [tokenizer.eos_id, *([tokenizer.end_id] if self.options.chat else [])]
-        outputs = []
-        for request in requests:
-            context, gen_kwargs = request.args
+        outputs: list[str] = [""] * len(requests)
+        # Requests with the same settings run through the engine together.
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            _, gen_kwargs = request.args
             until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = (until,) if isinstance(until, str) else tuple(until)
             budget = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-            ids = self.tok_encode(context)
-            outputs.append(generate_until(self.model, tokenizer, ids, until, budget, stop_ids))
+            groups.setdefault((until, budget), []).append(index)
+        for (until, budget), indexes in groups.items():
+            prompts = [self.tok_encode(requests[i].args[0]) for i in indexes]
+            texts = generate_until(
+                self.model, tokenizer, prompts, until, budget, stop_ids, self.options.batch_size
+            )
+            for i, text in zip(indexes, texts, strict=True):
+                outputs[i] = text
         return outputs
 
 
