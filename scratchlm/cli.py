@@ -89,7 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
         ("tokenizer", "train the byte-level BPE tokenizer on the curated documents"),
         ("tokenize", "tokenize the curated documents into token shards"),
         ("pretrain", "pretrain the model on the token shards"),
-        ("eval", "validation bits-per-byte and samples of the newest checkpoint"),
         ("report", "write report.html"),
     ]:
         p = sub.add_parser(name, help=help_text)
@@ -102,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="continue from the newest checkpoint in RUN_DIR/pretrain",
             )
+
+    _add_eval_parser(sub)
 
     p = sub.add_parser("generate", help="sample text from a trained model")
     p.add_argument("path", type=Path, help="run folder or checkpoint")
@@ -147,6 +148,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", type=Path, help="folder with config.json, safetensors, tokenizer.json")
     p.add_argument("--run-dir", type=Path, required=True, help="the run folder to write")
     return parser
+
+
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="benchmark scores, validation bits-per-byte and samples of a checkpoint",
+        description="scratchlm eval RUN_OR_CHECKPOINT [--tasks hellaswag,arc_easy,...], or as a "
+        "stage: scratchlm eval [RECIPE] --run-dir DIR (the recipe's eval.tasks, the validation "
+        "split and samples). Results go to RUN/eval/<stage>-<step>.json and RUN/eval/results.json.",
+    )
+    p.add_argument(
+        "target", nargs="?", help="run folder or checkpoint (or a recipe with --run-dir)"
+    )
+    p.add_argument("--run-dir", type=Path, help="the run folder (stage form)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--tasks", help="comma-separated task names (default: the recipe's eval.tasks)")
+    p.add_argument("--data", help="read the one task given from this file (same layout)")
+    p.add_argument("--data-dir", help="folder of the task files (default: eval.data_dir)")
+    p.add_argument("--shots", type=int, help="few-shot examples (default: each task's own)")
+    p.add_argument("--limit", type=int, help="only the first N examples of each task")
+    p.add_argument("--batch-size", type=int, help="rows per forward pass")
+    p.add_argument("--chat", action="store_true", help="prompt through the chat template")
+    p.add_argument("--harness", action="store_true", help="run the tasks in lm-evaluation-harness")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default: pretrain.device)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the scores")
+    p.add_argument(
+        "--write-harness-tasks",
+        type=Path,
+        metavar="DIR",
+        help="write the scratchlm_* lm-evaluation-harness task files for --data-dir into DIR",
+    )
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from scratchlm.evaluate.command import eval_command
+
+    return eval_command(args)
 
 
 def _recipe(args: argparse.Namespace, must_exist: bool = True):
@@ -304,7 +342,13 @@ def _import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"export": _export, "chat": _chat, "serve": _serve, "import-hf": _import_hf}
+COMMANDS = {
+    "export": _export,
+    "chat": _chat,
+    "serve": _serve,
+    "import-hf": _import_hf,
+    "eval": _eval,
+}
 
 
 def dispatch(argv: list[str]) -> int:

@@ -100,6 +100,10 @@ class PretrainConfig(TrainConfig):
     init_from: str = ""
     """A checkpoint (or run folder) whose model and weights training starts from, instead of a
     freshly initialised [model] (for example one made by `scratchlm import-hf`)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Benchmark tasks scored every eval_every steps during pretraining (cheap ones: hellaswag)."""
+    eval_tasks_limit: int = 200
+    """Examples per in-loop task (the first ones of its file)."""
 
 
 @dataclass
@@ -110,6 +114,22 @@ class SampleConfig:
     top_k: int = 50
     top_p: float = 0.95
     seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=list)
+    """Benchmark tasks the eval stage runs (docs/evaluate.md lists them)."""
+    limit: int = 0
+    """Examples per task (per subtask for mmlu and blimp), the first in file order; 0: all."""
+    batch_size: int = 32
+    """Rows of up to max_seq_len tokens per forward pass."""
+    data_dir: str = "data/eval"
+    """The task files: the bundled subsets, or a folder of the full files with the same names."""
+    chat: bool = False
+    """Prompt through the chat template (few-shot examples as turns)."""
+    max_gen_toks: int = 256
+    """Longest generation (GSM8K); at most half the model's context."""
 
 
 @dataclass
@@ -134,6 +154,7 @@ class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -30,7 +30,7 @@ STAGE_SECTIONS: dict[str, list[str]] = {
     "tokenizer": ["tokenizer", "model.vocab_size"],
     "tokenize": ["tokens"],
     "pretrain": ["model", "pretrain", "parallel"],
-    "eval": ["sample"],
+    "eval": ["sample", "eval"],
     "report": [],
 }
 
