@@ -75,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
                 help="continue from the newest checkpoint in RUN_DIR/pretrain",
             )
 
+    for name, help_text in [
+        ("ppo", "PPO: the SFT policy against the reward model (or a reward function)"),
+        ("grpo", "GRPO: the SFT policy against a verifiable reward function"),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        _add_recipe_args(p)
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help=f"continue from the newest checkpoint in RUN_DIR/{name}",
+        )
+
     p = sub.add_parser("generate", help="sample text from a trained model")
     p.add_argument("path", type=Path, help="run folder or checkpoint")
     p.add_argument("--prompt", required=True)
@@ -199,6 +211,12 @@ def dispatch(argv: list[str]) -> int:
     recipe = _recipe(args)
     if args.command == "pretrain":
         pipeline.run_pretrain(recipe, args.run_dir, resume=args.resume)
+    elif args.command in ("ppo", "grpo"):
+        import importlib
+
+        importlib.import_module(f"scratchlm.align.{args.command}").run(
+            recipe, args.run_dir, resume=args.resume
+        )
     else:
         pipeline.RUNNERS[args.command](recipe, args.run_dir)
     return 0

@@ -97,6 +97,88 @@ class PretrainConfig(TrainConfig):
 
 
 @dataclass
+class RolloutConfig(TrainConfig):
+    """The keys PPO and GRPO share: where prompts and the policy come from, how responses are
+    sampled, and the clipped policy update."""
+
+    data: list[str] = field(default_factory=list)
+    """Prompt sources: chat, preference or GSM8K-layout files, or `arithmetic[:N]`."""
+    val_fraction: float = 0.05
+    """Share of prompts held out for evaluation (fixed by each prompt's text)."""
+    eval_prompts: int = 64
+    """Held-out prompts answered at each evaluation."""
+    init_from: str = ""
+    """The policy's starting checkpoint (or run folder); empty: RUN/sft."""
+    reward_fn: str = ""
+    """A reward function `module:function` called as fn(prompt, response, reference)."""
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    epochs: int = 2
+    """Passes over each rollout batch."""
+    minibatch_size: int = 16
+    """Responses per optimizer step (split into micro_batch_size rows per forward)."""
+    clip_range: float = 0.2
+    """The policy ratio is clipped to [1 - clip_range, 1 + clip_range]."""
+    kl_coef: float = 0.05
+    """Weight of the KL penalty to the reference policy (the frozen starting policy)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    max_skipped_rollouts: int = 5
+    """Rollouts with NaN rewards or logits are skipped; past this many the run stops."""
+
+
+@dataclass
+class PPOConfig(RolloutConfig):
+    lr: float = 1e-5
+    min_lr: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_steps: int = 100
+    micro_batch_size: int = 16
+    eval_every: int = 20
+    save_every: int = 50
+    rollout_batch: int = 64
+    """Prompts answered per step (one response each)."""
+    reward_model: str = ""
+    """The reward model's checkpoint (or run folder); empty: RUN/reward. Unused with reward_fn."""
+    critic_lr: float = 0.0
+    """The value model's peak learning rate; 0: lr."""
+    kl_target: float = 0.0
+    """With a target (in nats per response) the KL coefficient adapts to reach it; 0: fixed."""
+    kl_horizon: int = 10000
+    """Responses over which the adaptive coefficient moves by at most a factor of e^0.2."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    value_clip_range: float = 0.2
+    missing_end_penalty: float = 1.0
+    """Subtracted from the reward of a response with no <|end|> within max_new_tokens."""
+
+
+@dataclass
+class GRPOConfig(RolloutConfig):
+    data: list[str] = field(default_factory=lambda: ["arithmetic"])
+    reward_fn: str = "scratchlm.align.tasks:answer_match"
+    lr: float = 1e-5
+    min_lr: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_steps: int = 100
+    micro_batch_size: int = 16
+    eval_every: int = 20
+    save_every: int = 50
+    epochs: int = 1
+    minibatch_size: int = 64
+    kl_coef: float = 0.04
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    prompts_per_step: int = 8
+    group_size: int = 8
+    """Responses sampled per prompt (G); advantages are normalised within each group."""
+    scale_rewards: bool = True
+    """Divide each group's centred rewards by their standard deviation."""
+
+
+@dataclass
 class SampleConfig:
     prompts: list[str] = field(default_factory=lambda: ["Once upon a time"])
     max_new_tokens: int = 100
@@ -127,6 +209,8 @@ class Recipe:
     tokens: TokensConfig = field(default_factory=TokensConfig)
     model: ModelSection = field(default_factory=ModelSection)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 

@@ -1,0 +1,238 @@
+"""What PPO and GRPO share: their starting models, the prompt order, answering and scoring
+prompts, and skipping rollouts whose rewards or logits are NaN."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scratchlm.align.prompts import Prompt, Prompts, load_prompts
+from scratchlm.align.rollout import Sample, sample_batch
+from scratchlm.align.tasks import RewardFn, call_reward
+from scratchlm.config import ParallelConfig, RolloutConfig
+from scratchlm.errors import UserError
+from scratchlm.loading import find_tokenizer, is_run_dir
+from scratchlm.model import ModelConfig, Transformer
+from scratchlm.tokenizer import Tokenizer
+from scratchlm.train.checkpoint import load_checkpoint, load_weights
+from scratchlm.train.loop import Session
+from scratchlm.train.metrics import drop_rows
+
+ANSWER_ROWS = 64
+"""Prompts answered together when evaluating."""
+
+
+def check_layout(stage: str, parallel: ParallelConfig) -> None:
+    """Rollouts run the whole model on each rank: one process, or plain data parallelism."""
+    if parallel.dp_shard not in (1, -1) or parallel.tp > 1 or parallel.pp > 1:
+        raise UserError(
+            f"{stage} runs on one device or under data parallelism (parallel.dp_replicate); "
+            "set parallel.dp_shard=1, tp=1 and pp=1"
+        )
+
+
+def fresh_stage(run_dir: Path, stage: str, resume: bool) -> None:
+    """A fresh start moves earlier checkpoints to STAGE.prev and drops the stage's metrics."""
+    if int(os.environ.get("RANK", "0")) != 0 or resume:
+        return
+    stage_dir = run_dir / stage
+    if stage_dir.is_dir() and any(stage_dir.iterdir()):
+        previous = run_dir / f"{stage}.prev"
+        shutil.rmtree(previous, ignore_errors=True)
+        stage_dir.rename(previous)
+        print(f"{stage}: starting afresh; earlier checkpoints moved to {previous}")
+    drop_rows(run_dir / "metrics.jsonl", stage)
+
+
+def load_start(
+    value: str, run_dir: Path, default_stage: str, key: str, head: str
+) -> tuple[Transformer, Path]:
+    """The model a recipe key names (a checkpoint, a stage folder or a run folder; empty:
+    RUN/<default_stage>) and its checkpoint path; it must have the given head."""
+    path = Path(value) if value else run_dir / default_stage
+    if is_run_dir(path):
+        path = path / default_stage
+    if not path.exists() or not any(path.glob("step-*")) and not (path / "config.json").exists():
+        raise UserError(
+            f"{key}: no checkpoint at {path}; run `scratchlm {default_stage} --run-dir "
+            f"{run_dir}` first or set {key}"
+        )
+    ckpt = load_checkpoint(path)
+    config = ModelConfig.from_dict(ckpt.model_config)
+    if config.head != head:
+        raise UserError(f"{key}: {ckpt.path} has a {config.head!r} head; expected {head!r}")
+    model = Transformer(config)
+    load_weights(model, ckpt.tensors)
+    return model, ckpt.path
+
+
+def frozen(model: Transformer, device: torch.device) -> Transformer:
+    """The model on `device`, in eval mode, with no gradients: the reference and reward models."""
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def read_prompts(cfg: RolloutConfig, stage: str, tokenizer: Tokenizer, context: int) -> Prompts:
+    """The stage's prompts, each short enough for max_new_tokens to fit the context after it."""
+    if cfg.max_new_tokens < 1 or cfg.max_new_tokens >= context:
+        raise UserError(
+            f"{stage}.max_new_tokens={cfg.max_new_tokens} must be between 1 and the context "
+            f"({context}) less one"
+        )
+    return load_prompts(cfg.data, tokenizer, context - cfg.max_new_tokens, cfg.val_fraction)
+
+
+class PromptOrder:
+    """The training prompts in a shuffled order, reshuffled at each pass; its position is saved
+    with checkpoints. Every rank draws the same global batch and answers its own slice."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self.position = n, seed, 0, 0
+        self._order: list[int] | None = None
+
+    def _current(self) -> list[int]:
+        if self._order is None:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._order = torch.randperm(self.n, generator=generator).tolist()
+        return self._order
+
+    def take(self, count: int) -> list[int]:
+        taken: list[int] = []
+        while len(taken) < count:
+            if self.position >= self.n:
+                self.epoch, self.position, self._order = self.epoch + 1, 0, None
+            k = min(count - len(taken), self.n - self.position)
+            taken += self._current()[self.position : self.position + k]
+            self.position += k
+        return taken
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "n": self.n}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["n"] != self.n:
+            raise UserError(
+                f"the checkpoint was trained on {state['n']} prompts, the data now has {self.n}; "
+                "resume with the same data or start afresh"
+            )
+        self.epoch, self.position, self._order = state["epoch"], state["position"], None
+
+
+def rank_slice(items: list, session: Session) -> list:
+    """This data-parallel rank's share of a global batch."""
+    share = len(items) // session.dist.dp_size
+    return items[session.dist.dp_rank * share : (session.dist.dp_rank + 1) * share]
+
+
+def answer(
+    model: Transformer,
+    prompts: list[Prompt],
+    cfg: RolloutConfig,
+    tokenizer: Tokenizer,
+    seed: int,
+    temperature: float | None = None,
+) -> list[Sample]:
+    """Responses to the prompts, ANSWER_ROWS at a time, sampled as the stage samples."""
+    samples: list[Sample] = []
+    for start in range(0, len(prompts), ANSWER_ROWS):
+        chunk = [p.ids for p in prompts[start : start + ANSWER_ROWS]]
+        samples += sample_batch(
+            model,
+            chunk,
+            cfg.max_new_tokens,
+            cfg.temperature if temperature is None else temperature,
+            cfg.top_k,
+            cfg.top_p,
+            seed=seed + start,
+            stop_ids=[tokenizer.end_id],
+        )
+    return samples
+
+
+def response_text(sample: Sample, tokenizer: Tokenizer) -> str:
+    """The response as text, without the <|end|> that closes it."""
+    tokens = sample.tokens[:-1] if sample.finish == "stop" else sample.tokens
+    return tokenizer.decode(tokens)
+
+
+def function_rewards(
+    fn: RewardFn, spec: str, prompts: list[Prompt], texts: list[str]
+) -> torch.Tensor:
+    """The reward function's score of each response, [B] on the CPU."""
+    pairs = zip(prompts, texts, strict=True)
+    return torch.tensor([call_reward(fn, spec, p.messages, t, p.reference) for p, t in pairs])
+
+
+@torch.no_grad()
+def reward_model_scores(
+    reward_model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[Prompt],
+    texts: list[str],
+    ended: list[bool],
+    micro_batch: int,
+) -> torch.Tensor:
+    """The reward model's scalar at the last token of encode_chat(prompt + the response): the
+    <|end|> closing it, or the response's last token when it did not end. [B] on the CPU."""
+    device = next(reward_model.parameters()).device
+    context = reward_model.config.max_seq_len
+    rows = []
+    for prompt, text, end in zip(prompts, texts, ended, strict=True):
+        ids, _ = tokenizer.encode_chat([*prompt.messages, {"role": "assistant", "content": text}])
+        rows.append((ids if end else ids[:-1])[-context:])
+    scores = []
+    for start in range(0, len(rows), micro_batch):
+        chunk = rows[start : start + micro_batch]
+        width = max(len(r) for r in chunk)
+        tokens = torch.full((len(chunk), width), tokenizer.pad_id, dtype=torch.long)
+        for b, r in enumerate(chunk):
+            tokens[b, : len(r)] = torch.tensor(r)
+        values = reward_model(tokens.to(device)).float()
+        last = torch.tensor([len(r) - 1 for r in chunk], device=device)
+        scores.append(values.gather(1, last[:, None]).squeeze(1).cpu())
+    return torch.cat(scores)
+
+
+class SkippedRollouts:
+    """Counts rollouts skipped for NaN rewards or logits; past the limit the run stops with a
+    checkpoint (UserError: one line, exit 2)."""
+
+    def __init__(self, stage: str, limit: int) -> None:
+        self.stage, self.limit, self.count = stage, limit, 0
+
+    def skip(self, session: Session, stateful: dict[str, Any], why: str) -> None:
+        self.count += 1
+        print(
+            f"warning: {self.stage} step {session.step + 1}: {why}; rollout skipped "
+            f"({self.count} so far)",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self.count > self.limit:
+            saved = session.save(stateful)
+            raise UserError(
+                f"{self.stage}: {self.count} rollouts had NaN rewards or logits (limit "
+                f"{self.limit}); stopped with a checkpoint at {saved}. Lower {self.stage}.lr, "
+                "check the reward, then continue with --resume"
+            )
+
+
+def finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def tokenizer_for(run_dir: Path, checkpoint: Path) -> Tokenizer:
+    path = run_dir / "tokenizer.json"
+    return Tokenizer.load(path if path.is_file() else find_tokenizer(checkpoint))
+
+
+def mean_or_nan(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan

@@ -1,0 +1,164 @@
+"""PPO on a task where the truth is known: a tiny policy answers "What color is the X?" with one of
+five colours at random, and learns to say blue (from a rule, or from a reward model that learnt
+the rule from pairs); checkpoints, resume, the CLI and bad input."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from conftest import ROOT, run_cli
+from rl_toy import color_chats, fine_tune, make_tokenizer, save_model, train_reward_model
+
+from scratchlm.align import ppo
+from scratchlm.cli import main
+from scratchlm.config import load_recipe
+from scratchlm.errors import UserError
+from scratchlm.train.checkpoint import load_checkpoint
+from scratchlm.train.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def color_run(tmp_path_factory):
+    """A run folder with tokenizer.json, sft/ (the colour policy), reward/ and chats.jsonl."""
+    run_dir = tmp_path_factory.mktemp("colors")
+    chats = color_chats()
+    (run_dir / "chats.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
+    tokenizer = make_tokenizer(run_dir / "tokenizer.json", chats)
+    policy = fine_tune(tokenizer, chats, steps=400)
+    save_model(policy, run_dir / "sft")
+    save_model(train_reward_model(tokenizer, policy, steps=60), run_dir / "reward")
+    return run_dir
+
+
+def fresh(color_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(color_run, run_dir)
+    return run_dir
+
+
+def settings(run_dir, *more):
+    return [
+        f"ppo.data=['{run_dir / 'chats.jsonl'}']",
+        "ppo.device='cpu'",
+        "ppo.max_new_tokens=12",
+        "ppo.rollout_batch=32",
+        "ppo.minibatch_size=16",
+        "ppo.micro_batch_size=8",
+        "ppo.lr=5e-4",
+        "ppo.min_lr=5e-4",
+        "ppo.kl_coef=0.2",
+        "ppo.val_fraction=0.2",
+        "ppo.eval_every=0",
+        "ppo.save_every=0",
+        *more,
+    ]
+
+
+def test_ppo_against_a_rule_raises_success_to_090_within_a_kl_bound(color_run, tmp_path):
+    run_dir = fresh(color_run, tmp_path)
+    recipe = load_recipe(None, settings(run_dir, "ppo.reward_fn='rl_toy:likes_blue'"))
+    recipe.ppo.max_steps = 40
+    result = ppo.run(recipe, run_dir, progress=False)
+    start = next(r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] == 0)
+    assert start["val_reward"] <= 0.4  # one answer in five says blue before PPO
+    assert result["val_reward"] >= 0.9
+    # Always answering blue and otherwise copying SFT costs log(1 / baseline) nats per answer;
+    # PPO may spend at most one nat more.
+    assert 0 < result["val_kl"] < math.log(1 / start["val_reward"]) + 1.0
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    logged = {"reward", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss"}
+    logged |= {"explained_variance", "response_length", "end_rate", "generate_share"}
+    logged |= {"rollout_tokens_per_s", "train_tokens_per_s", "tokens_per_s", "kl_coef"}
+    assert logged <= rows[-1].keys() and {r["stage"] for r in rows} == {"ppo"}
+    assert 0 < rows[-1]["generate_share"] < 1
+
+
+def test_ppo_resumes_exactly(color_run, tmp_path):
+    whole, part = fresh(color_run, tmp_path / "a"), fresh(color_run, tmp_path / "b")
+    rule = "ppo.reward_fn='rl_toy:likes_blue'"
+    ppo.run(load_recipe(None, settings(whole, rule, "ppo.max_steps=3")), whole, progress=False)
+    ppo.run(load_recipe(None, settings(part, rule, "ppo.max_steps=2")), part, progress=False)
+    recipe = load_recipe(None, settings(part, rule, "ppo.max_steps=3"))
+    ppo.run(recipe, part, resume=True, progress=False)
+    rows = [
+        {r["step"]: r for r in read_metrics(d / "metrics.jsonl") if "loss" in r}
+        for d in (whole, part)
+    ]
+    for key in ("loss", "value_loss", "reward", "kl"):
+        assert rows[1][3][key] == pytest.approx(rows[0][3][key], rel=1e-5), key
+    a, b = (load_checkpoint(d / "ppo") for d in (whole, part))
+    for name in ("model", "critic"):
+        for key, tensor in a.part(name)[0].items():
+            torch.testing.assert_close(b.part(name)[0][key], tensor, msg=key)
+
+
+def test_ppo_cli_against_the_reward_model(color_run, tmp_path):
+    run_dir = fresh(color_run, tmp_path)
+    sets = [
+        x for s in settings(run_dir, "ppo.max_steps=12", "ppo.eval_every=6") for x in ("--set", s)
+    ]
+    done = run_cli("ppo", "--run-dir", str(run_dir), *sets, env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    summary = done.stdout.strip().splitlines()[-1]
+    assert summary.startswith("ppo: step 12, held-out reward") and "saved" in summary
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    val = [r["val_reward"] for r in rows if "val_reward" in r]
+    assert len(val) == 3 and val[-1] > val[0] + 1.0  # the reward model's scores rise
+    ckpt = load_checkpoint(run_dir / "ppo")
+    assert ckpt.part("critic")[1]["head"] == "scalar" and ckpt.model_config["head"] == "lm"
+    assert ckpt.optimizer_state("critic") is not None
+    again = run_cli(
+        "ppo", "--run-dir", str(run_dir), "--resume", "--set", "ppo.max_steps=13",
+        env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 14))
+
+
+def test_nan_rewards_skip_the_rollout_then_stop_with_a_checkpoint(color_run, tmp_path):
+    import rl_toy
+
+    run_dir = fresh(color_run, tmp_path)
+    nan_first = "ppo.reward_fn='rl_toy:nan_at_first'"
+    recipe = load_recipe(None, settings(run_dir, nan_first, "ppo.val_fraction=0.0"))
+    recipe.ppo.max_steps = 2
+    rl_toy.NAN_CALLS = 32  # one rollout batch of NaN rewards
+    result = ppo.run(recipe, run_dir, progress=False)
+    assert result["skipped_rollouts"] == 1 and result["step"] == 2
+
+    rl_toy.NAN_CALLS = 10**9
+    recipe.ppo.max_skipped_rollouts = 2
+    with pytest.raises(UserError, match="3 rollouts had NaN rewards") as stop:
+        ppo.run(recipe, run_dir, progress=False)
+    assert "step-000000" in str(stop.value)
+    assert load_checkpoint(run_dir / "ppo").trainer_state["step"] == 0
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("ppo.reward_fn='no_such_module:fn'", "cannot import no_such_module"),
+        ("ppo.reward_fn='rl_toy:no_such_fn'", "has no function no_such_fn"),
+        ("ppo.reward_fn='rl_toy:raises'", "raised ValueError: no reward today"),
+        ("ppo.init_from='nowhere'", "ppo.init_from: no checkpoint at nowhere"),
+        ("ppo.reward_model='nowhere'", "ppo.reward_model: no checkpoint at nowhere"),
+        ("ppo.rollout_batch=20", "multiple of ppo.minibatch_size"),
+        ("ppo.data=['missing.jsonl']", "prompt file not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(color_run, tmp_path, capsys, setting, message):
+    run_dir = fresh(color_run, tmp_path)
+    sets = [x for s in settings(run_dir, "ppo.max_steps=1", setting) for x in ("--set", s)]
+    assert main(["ppo", "--run-dir", str(run_dir), *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_ppo_needs_an_sft_checkpoint(tmp_path, capsys):
+    (tmp_path / "recipe.toml").write_text("")
+    assert main(["ppo", str(ROOT / "recipes/tiny.toml"), "--run-dir", str(tmp_path)]) == 2
+    assert "run `scratchlm sft" in capsys.readouterr().err
