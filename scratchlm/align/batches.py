@@ -60,6 +60,8 @@ class EncodedPair:
     chosen: list[int]
     rejected: list[int]
     prompt_len: int
+    margin: float | None = None
+    """The pair's own Bradley-Terry margin, when its record carries one."""
 
 
 def fit_pair(tokenizer: Tokenizer, pair: dict, max_len: int, truncation: str) -> EncodedPair:

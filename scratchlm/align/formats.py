@@ -159,13 +159,17 @@ def to_preference(record: Any) -> dict:
         raise BadRecord("not a preference record: needs chosen and rejected")
     chosen, rejected = record["chosen"], record["rejected"]
     if "prompt" in keys:
-        return check_preference(
+        pair = check_preference(
             {
                 "prompt": _text_turns(record["prompt"], "user", "prompt"),
                 "chosen": _text_turns(chosen, "assistant", "chosen"),
                 "rejected": _text_turns(rejected, "assistant", "rejected"),
             }
         )
+        margin = record.get("margin")
+        if isinstance(margin, (int, float)) and not isinstance(margin, bool):
+            pair["margin"] = float(margin)  # how far apart the pair was rated (Llama 2)
+        return pair
     if "conversations" in keys:  # LLaMA-Factory: the prompt in ShareGPT turns, one reply each
         return check_preference(
             {
