@@ -158,7 +158,9 @@ def pack_chats(
             n = len(ids) - 1
             tokens[r, at : at + n] = torch.tensor(ids[:-1])
             target = torch.tensor(ids[1:])
-            targets[r, at : at + n] = target.masked_fill(~torch.tensor(mask[1:], dtype=bool), IGNORE)
+            targets[r, at : at + n] = target.masked_fill(
+                ~torch.tensor(mask[1:], dtype=bool), IGNORE
+            )
             segments[r, at : at + n] = segment
             at += n
         segments[r, at:] = len(members)

@@ -103,9 +103,7 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
     model = scalar_model(start, "reward")
     tokenizer = tokenizer_for(start, model)
     max_len = row_length(cfg.max_seq_len, model)
-    data = prepare_pairs(
-        cfg.data, tokenizer, max_len, cfg.truncation, cfg.val_fraction, "reward"
-    )
+    data = prepare_pairs(cfg.data, tokenizer, max_len, cfg.truncation, cfg.val_fraction, "reward")
     if session.dist.is_main:
         write_rejects(data, session.stage_dir)
     session.say(f"reward: from {start.path}; {data.describe('pairs')}")

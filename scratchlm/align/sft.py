@@ -46,7 +46,9 @@ def validation_loss(
     total, count = 0.0, 0
     model.eval()
     for start in range(0, len(rows["tokens"]), micro):
-        batch = to_device({k: v[start : start + micro] for k, v in rows.items()}, session.runtime.device)
+        batch = to_device(
+            {k: v[start : start + micro] for k, v in rows.items()}, session.runtime.device
+        )
         with session.runtime.autocast():
             loss, metrics = sft_loss(model, batch)
         n = int(metrics["assistant_tokens"])
@@ -97,7 +99,9 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
 
     stateful = {"loader": loader, "started_from": StartedFrom(start, run_dir)}
     result = session.run(train_step, evaluate, stateful)
-    answers = write_answers(recipe, run_dir, "sft", result["checkpoint"]) if session.dist.is_main else []
+    answers = (
+        write_answers(recipe, run_dir, "sft", result["checkpoint"]) if session.dist.is_main else []
+    )
     val = f"val_loss {result['val_loss']:.4f} on assistant tokens" if "val_loss" in result else ""
     session.say(
         f"sft: {result['step']} steps on {len(data.train):,} conversations, {val}, "

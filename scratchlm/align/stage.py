@@ -187,9 +187,7 @@ def answer(
     answers = []
     for prompt in prompts:
         ids, _ = tokenizer.encode_chat([{"role": "user", "content": prompt}], True)
-        new = generate(
-            model, ids, max_new_tokens, temperature=0.0, stop_ids=(tokenizer.end_id,)
-        )
+        new = generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=(tokenizer.end_id,))
         answers.append(tokenizer.decode(list(new), skip_special=True))
     model.train(was_training)
     return answers
