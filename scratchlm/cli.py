@@ -76,8 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
             )
 
     for name, help_text in [
-        ("ppo", "PPO: the SFT policy against the reward model (or a reward function)"),
-        ("grpo", "GRPO: the SFT policy against a verifiable reward function"),
+        ("sft", "supervised fine-tuning on chat data, from the pretrained model"),
+        ("reward", "train the reward model on preference pairs, from the SFT model"),
+        ("dpo", "direct preference optimisation, from the SFT model"),
+        ("ppo", "PPO against the reward model, from the SFT model"),
+        ("grpo", "GRPO against a reward function, from the SFT model"),
     ]:
         p = sub.add_parser(name, help=help_text)
         _add_recipe_args(p)
@@ -124,19 +127,21 @@ def _curate(argv: list[str]) -> int:
         return _train_quality(argv[1:])
     args = build_parser().parse_args(["curate", *argv])
     from scratchlm.curate.pipeline import run_curate
+    from scratchlm.pipeline import curate_summary
 
     only = args.only.split(",") if args.only else None
     if args.run_dir is not None:
         args.recipe = args.recipe or (args.inputs[0] if args.inputs else None)
         recipe = _recipe(args, must_exist=False)
-        run_curate(recipe.data.inputs, args.run_dir / "curated", recipe.curate, only=only)
+        stats = run_curate(recipe.data.inputs, args.run_dir / "curated", recipe.curate, only=only)
+        print(curate_summary(stats))
         return 0
     if not args.inputs or args.out is None:
         raise UserError("curate needs INPUT... --out DIR (or --run-dir DIR)")
     from scratchlm.config import load_recipe
 
     recipe = load_recipe(Path(args.recipe) if args.recipe else None, args.set)
-    run_curate(args.inputs, args.out, recipe.curate, only=only)
+    print(curate_summary(run_curate(args.inputs, args.out, recipe.curate, only=only)))
     return 0
 
 
@@ -187,9 +192,26 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_answers(results: dict) -> None:
+    """Each aligned stage's answers to the recipe's align.prompts, prompt by prompt."""
+    stages = [s for s, r in results.items() if isinstance(r, dict) and r.get("answers")]
+    if not stages:
+        return
+    for i, row in enumerate(results[stages[0]]["answers"]):
+        print(f"\n>>> {row['prompt']}")
+        for stage in stages:
+            answers = results[stage]["answers"]
+            if i < len(answers):
+                print(f"[{stage}] {answers[i]['answer']}")
+
+
 def dispatch(argv: list[str]) -> int:
     if argv[:1] == ["curate"]:
         return _curate(argv[1:])
+    if argv[:1] == ["eval"] and any(a.split("=")[0] == "--tasks" for a in argv):
+        from scratchlm.align.evaluate import eval_command
+
+        return eval_command(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return _generate(args)
@@ -205,18 +227,15 @@ def dispatch(argv: list[str]) -> int:
             print(f"\nvalidation bits per byte: {ev['val_bpb']:.4f}")
             for s in ev["samples"]:
                 print(f"\n--- {s['prompt']}{s['completion']}")
+        _print_answers(results)
         if "report" in results:
             print(f"\nreport: {results['report']['report']}")
         return 0
     recipe = _recipe(args)
     if args.command == "pretrain":
         pipeline.run_pretrain(recipe, args.run_dir, resume=args.resume)
-    elif args.command in ("ppo", "grpo"):
-        import importlib
-
-        importlib.import_module(f"scratchlm.align.{args.command}").run(
-            recipe, args.run_dir, resume=args.resume
-        )
+    elif args.command in pipeline.ALIGN_STAGES:
+        pipeline.run_align_stage(args.command, recipe, args.run_dir, resume=args.resume)
     else:
         pipeline.RUNNERS[args.command](recipe, args.run_dir)
     return 0

@@ -97,6 +97,85 @@ class PretrainConfig(TrainConfig):
 
 
 @dataclass
+class AlignConfig:
+    stages: list[Literal["sft", "reward", "dpo", "ppo", "grpo"]] = field(default_factory=list)
+    """The stages after pretraining, in order (for example ["sft", "reward", "ppo"])."""
+    prompts: list[str] = field(
+        default_factory=lambda: ["Give three tips for staying healthy.", "What is a verb?"]
+    )
+    """Chat prompts each generating stage answers at its end (greedy), for the report."""
+    max_new_tokens: int = 64
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    data: list[str] = field(default_factory=lambda: ["data/instruct"])
+    """Chat files (any layout scratchlm.align.formats reads), folders or both."""
+    val_fraction: float = 0.1
+    """Share of prompts held out for validation (the same prompts in every stage)."""
+    max_seq_len: int = 0
+    """Row length in tokens; 0: the model's context."""
+    truncation: Literal["drop_oldest_turns", "none"] = "drop_oldest_turns"
+    """A record too long loses its oldest exchanges ("none": it is set aside)."""
+    init_from: str = ""
+    """The checkpoint to start from; empty: RUN/pretrain."""
+    rows_per_step: int = 16
+    """Packed rows of max_seq_len tokens per optimizer step."""
+    max_steps: int = 300
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    micro_batch_size: int = 16
+    eval_every: int = 100
+    save_every: int = 100
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    data: list[str] = field(default_factory=lambda: ["data/preference"])
+    """Preference files (any layout scratchlm.align.formats reads), folders or both."""
+    val_fraction: float = 0.1
+    max_seq_len: int = 0
+    truncation: Literal["drop_oldest_turns", "none"] = "drop_oldest_turns"
+    init_from: str = ""
+    """The checkpoint to start from; empty: RUN/sft (the reward stage needs SFT first)."""
+    pairs_per_step: int = 32
+    margin: float = 0.0
+    """Bradley-Terry margin for pairs that do not carry their own "margin" field."""
+    max_steps: int = 200
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    micro_batch_size: int = 16
+    eval_every: int = 50
+    save_every: int = 100
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    data: list[str] = field(default_factory=lambda: ["data/preference"])
+    val_fraction: float = 0.1
+    max_seq_len: int = 0
+    truncation: Literal["drop_oldest_turns", "none"] = "drop_oldest_turns"
+    init_from: str = ""
+    """The policy's (and the frozen reference's) start; empty: RUN/sft."""
+    pairs_per_step: int = 32
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0
+    """Conservative DPO: the chance that a pair's label is wrong (sigmoid loss only)."""
+    max_steps: int = 200
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    micro_batch_size: int = 16
+    eval_every: int = 50
+    save_every: int = 100
+
+
+@dataclass
 class RolloutConfig(TrainConfig):
     """The keys PPO and GRPO share: where prompts and the policy come from, how responses are
     sampled, and the clipped policy update."""
@@ -209,6 +288,10 @@ class Recipe:
     tokens: TokensConfig = field(default_factory=TokensConfig)
     model: ModelSection = field(default_factory=ModelSection)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
