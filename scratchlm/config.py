@@ -182,8 +182,8 @@ class RolloutConfig(TrainConfig):
 
     data: list[str] = field(default_factory=list)
     """Prompt sources: chat, preference or GSM8K-layout files, or `arithmetic[:N]`."""
-    val_fraction: float = 0.05
-    """Share of prompts held out for evaluation (fixed by each prompt's text)."""
+    val_fraction: float = 0.1
+    """Share of prompts held out for evaluation: the prompts every stage holds out."""
     eval_prompts: int = 64
     """Held-out prompts answered at each evaluation."""
     init_from: str = ""
@@ -209,6 +209,8 @@ class RolloutConfig(TrainConfig):
 
 @dataclass
 class PPOConfig(RolloutConfig):
+    data: list[str] = field(default_factory=lambda: ["data/preference"])
+    """The prompts of the reward model's data: answers it knows how to judge."""
     lr: float = 1e-5
     min_lr: float = 1e-5
     warmup_steps: int = 0

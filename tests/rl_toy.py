@@ -128,10 +128,10 @@ def train_reward_model(
 ) -> Transformer:
     """A reward model that learnt "blue is better" from pairs (Bradley-Terry on the score at the
     <|end|> closing the answer), starting from the policy's weights."""
-    from scratchlm.align.ppo import value_model_from_policy
-
     torch.manual_seed(seed)
-    model = value_model_from_policy(policy)
+    model = Transformer(ModelConfig(**{**policy.config.to_dict(), "head": "scalar"}))
+    trunk = {k: v for k, v in policy.state_dict().items() if not k.startswith("output.")}
+    model.load_state_dict(trunk, strict=False)
     rng = random.Random(seed)
     pairs = []
     for thing in THINGS:

@@ -8,6 +8,7 @@ import pytest
 from rl_toy import fine_tune, make_tokenizer, noisy_arithmetic, save_model
 
 from scratchlm.align import grpo
+from scratchlm.align.data import reason_kind
 from scratchlm.align.prompts import load_prompts
 from scratchlm.align.tasks import (
     answer_match,
@@ -160,9 +161,9 @@ def test_prompt_reader_layouts_rejects_and_held_out_split(arithmetic_run, tmp_pa
     lines = [
         json.dumps(chat),
         json.dumps({"question": "2 + 2 =", "answer": "#### 4"}),
-        json.dumps(
-            {"prompt": [{"role": "user", "content": "3 + 3 ="}], "chosen": [], "rejected": []}
-        ),
+        json.dumps({"prompt": "3 + 3 =", "chosen": "6", "rejected": "7"}),
+        json.dumps({"prompt": [{"role": "user", "content": "4 + 4 ="}]}),
+        json.dumps({"messages": [{"role": "user", "content": "5 + 5 ="}]}),
         "not json",
         json.dumps({"messages": [{"role": "robot", "content": "hi"}]}),
         json.dumps({"messages": [{"role": "user", "content": " "}]}),
@@ -177,17 +178,24 @@ def test_prompt_reader_layouts_rejects_and_held_out_split(arithmetic_run, tmp_pa
         f.write("\n".join(lines))
     prompts = load_prompts([str(path)], tokenizer, max_tokens=16, held_out_fraction=0.0)
     got = [(p.messages[-1]["content"], p.reference) for p in prompts.train]
-    assert got == [("1 + 1 =", "2"), ("2 + 2 =", "#### 4"), ("3 + 3 =", "")]
+    assert got == [
+        ("1 + 1 =", "2"),
+        ("2 + 2 =", "#### 4"),
+        ("3 + 3 =", "6"),
+        ("4 + 4 =", ""),
+        ("5 + 5 =", ""),
+    ]
     assert prompts.train[0].ids[-1] == tokenizer.special_ids["<|assistant|>"]
-    assert dict(prompts.set_aside) == {
-        "not JSON": 1,
-        "unknown role": 1,
-        "empty turn": 1,
-        "no prompt before the assistant turn": 1,
-        "unknown layout": 1,
-        "too long": 1,
-    }
-    assert "3 prompts (0 held out), 6 set aside" in prompts.describe()
+    reasons = [reason_kind(r.reason) for r in prompts.rejects]
+    assert reasons == [
+        "malformed JSON",
+        "unknown role",
+        "empty user turn",
+        "no prompt before the assistant turn",
+        "unrecognised chat layout",
+        "too long",
+    ]
+    assert "5 prompts (0 held out), 6 set aside" in prompts.describe()
 
     split = load_prompts(["arithmetic:5"], tokenizer, 16, held_out_fraction=0.3)
     again = load_prompts(["arithmetic:5"], tokenizer, 16, held_out_fraction=0.3)

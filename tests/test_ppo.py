@@ -144,10 +144,10 @@ def test_nan_rewards_skip_the_rollout_then_stop_with_a_checkpoint(color_run, tmp
         ("ppo.reward_fn='no_such_module:fn'", "cannot import no_such_module"),
         ("ppo.reward_fn='rl_toy:no_such_fn'", "has no function no_such_fn"),
         ("ppo.reward_fn='rl_toy:raises'", "raised ValueError: no reward today"),
-        ("ppo.init_from='nowhere'", "ppo.init_from: no checkpoint at nowhere"),
-        ("ppo.reward_model='nowhere'", "ppo.reward_model: no checkpoint at nowhere"),
+        ("ppo.init_from='nowhere'", "ppo.init_from = 'nowhere': not found"),
+        ("ppo.reward_model='nowhere'", "but nowhere has no checkpoint: run `scratchlm reward"),
         ("ppo.rollout_batch=20", "multiple of ppo.minibatch_size"),
-        ("ppo.data=['missing.jsonl']", "prompt file not found"),
+        ("ppo.data=['missing.jsonl']", "data file not found: missing.jsonl"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(color_run, tmp_path, capsys, setting, message):

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
+from scratchlm.align.losses import token_logprobs
 from scratchlm.align.rollout import (
     NonFiniteLogits,
     build_rows,
     sample_batch,
     score_rows,
-    token_logprobs,
 )
 from scratchlm.infer.generate import generate
 from scratchlm.model import ModelConfig, Transformer

@@ -22,21 +22,20 @@ from typing import Any
 import torch
 
 from scratchlm import parallel
-from scratchlm.align.losses import group_advantages, grpo_loss, masked_mean
+from scratchlm.align.losses import group_advantages, grpo_loss, masked_mean, token_logprobs
 from scratchlm.align.rl import (
     PromptOrder,
     SkippedRollouts,
-    answer,
     check_layout,
     finite,
-    fresh_stage,
     frozen,
     function_rewards,
-    load_start,
     rank_slice,
     read_prompts,
     response_text,
-    tokenizer_for,
+    sample_answers,
+    start_policy,
+    step_seed,
 )
 from scratchlm.align.rollout import (
     NonFiniteLogits,
@@ -44,8 +43,8 @@ from scratchlm.align.rollout import (
     sample_batch,
     score_rows,
     token_entropy,
-    token_logprobs,
 )
+from scratchlm.align.stage import StartedFrom, write_answers
 from scratchlm.align.tasks import load_reward_fn
 from scratchlm.config import Recipe
 from scratchlm.errors import UserError
@@ -66,12 +65,13 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
     if not cfg.reward_fn:
         raise UserError("grpo.reward_fn is empty: name a reward function as module:function")
     reward_fn = load_reward_fn(cfg.reward_fn, "grpo.reward_fn")
-    policy, policy_path = load_start(cfg.init_from, run_dir, "sft", "grpo.init_from", "lm")
-    tokenizer = tokenizer_for(run_dir, policy_path)
-    prompts = read_prompts(cfg, "grpo", tokenizer, policy.config.max_seq_len)
-    fresh_stage(run_dir, "grpo", resume)
+    start = start_policy(run_dir, cfg, "grpo")
+    policy, tokenizer = start.policy, start.tokenizer
     session = Session("grpo", run_dir, cfg, recipe.parallel, resume, progress, False)
-    session.say(f"grpo: policy {policy_path}, reward {cfg.reward_fn}; {prompts.describe()}")
+    prompts = read_prompts(cfg, "grpo", tokenizer, policy.config.max_seq_len, session)
+    session.say(
+        f"grpo: policy {start.checkpoint.path}, reward {cfg.reward_fn}; {prompts.describe()}"
+    )
     device, dist = session.runtime.device, session.dist
     if cfg.prompts_per_step % dist.dp_size:
         raise UserError(
@@ -81,7 +81,10 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
     micro, accum = batch = session.batch_layout(cfg.minibatch_size, cfg.micro_batch_size, "rows")
     actor = session.trainer(policy, batch)
     order = PromptOrder(len(prompts.train), cfg.seed)
-    stateful: dict[str, Any] = {"prompts": order}
+    stateful: dict[str, Any] = {
+        "prompts": order,
+        "started_from": StartedFrom(start.checkpoint, run_dir),
+    }
     skipped = SkippedRollouts("grpo", cfg.max_skipped_rollouts)
     held_out = prompts.held_out[: cfg.eval_prompts]
 
@@ -106,8 +109,8 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
         chosen = [prompts.train[i] for i in rank_slice(order.take(cfg.prompts_per_step), session)]
         grouped = [p for p in chosen for _ in range(cfg.group_size)]
         model = parallel.unwrap(actor.model)
-        seed = hash((cfg.seed, session.step, dist.dp_rank, skipped.count)) % 2**31
-        start = time.time()
+        seed = step_seed(cfg.seed, session.step, dist.dp_rank, skipped.count)
+        began = time.time()
         with torch.no_grad(), session.runtime.autocast():
             try:
                 samples = sample_batch(
@@ -122,12 +125,14 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
                 )
             except NonFiniteLogits as e:
                 return str(e)
-            generated = time.time() - start
+            generated = time.time() - began
             texts = [response_text(s, tokenizer) for s in samples]
             rewards = function_rewards(reward_fn, cfg.reward_fn, grouped, texts)
             if not finite(rewards):
                 return "NaN reward"
-            rows = build_rows([p.ids for p in grouped], [s.tokens for s in samples], device)
+            rows = build_rows(
+                [p.ids for p in grouped], [s.tokens for s in samples], device, tokenizer.pad_id
+            )
             data = {
                 "inputs": rows.inputs,
                 "targets": rows.targets,
@@ -191,7 +196,7 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
             return {}
         model = parallel.unwrap(actor.model)
         with torch.no_grad(), session.runtime.autocast():
-            samples = answer(model, held_out, cfg, tokenizer, seed=cfg.seed, temperature=0.0)
+            samples = sample_answers(model, held_out, cfg, tokenizer, cfg.seed, temperature=0.0)
         texts = [response_text(s, tokenizer) for s in samples]
         rewards = function_rewards(reward_fn, cfg.reward_fn, held_out, texts)
         return {
@@ -200,13 +205,13 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
             "val_response_length": sum(len(s.tokens) for s in samples) / len(samples),
         }
 
-    start = evaluate() if session.restored is None else {}
-    if start:
-        session.log.write(0, **start)
+    start_val = evaluate() if session.restored is None else {}
+    if start_val:
+        session.log.write(0, **start_val)
     result = session.run(train_step, evaluate, stateful)
     summary = f"grpo: step {result['step']}"
     if "val_reward" in result:
-        before = f" (from {start['val_reward']:.3f})" if start else ""
+        before = f" (from {start_val['val_reward']:.3f})" if start_val else ""
         summary += (
             f", held-out reward {result['val_reward']:.3f}{before} on {len(held_out)} greedy "
             f"answers, {result['val_end_rate']:.0%} ended"
@@ -215,4 +220,11 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
         f"{summary}, {skipped.count} rollouts skipped, {result['seconds']:.0f} s; "
         f"saved {result['checkpoint']}"
     )
-    return {**result, "skipped_rollouts": skipped.count}
+    answers = write_answers(recipe, run_dir, "grpo", result["checkpoint"]) if dist.is_main else []
+    return {
+        **result,
+        "start_val_reward": start_val.get("val_reward"),
+        "skipped_rollouts": skipped.count,
+        "answers": answers,
+        "started_from": str(start.checkpoint.path),
+    }

@@ -36,22 +36,25 @@ from scratchlm.align.losses import (
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
+    token_logprobs,
 )
+from scratchlm.align.reward import scalar_model
 from scratchlm.align.rl import (
     PromptOrder,
     SkippedRollouts,
-    answer,
     check_layout,
     finite,
-    fresh_stage,
     frozen,
     function_rewards,
-    load_start,
+    model_of,
     rank_slice,
     read_prompts,
     response_text,
+    reward_checkpoint,
     reward_model_scores,
-    tokenizer_for,
+    sample_answers,
+    start_policy,
+    step_seed,
 )
 from scratchlm.align.rollout import (
     NonFiniteLogits,
@@ -59,12 +62,11 @@ from scratchlm.align.rollout import (
     sample_batch,
     score_rows,
     token_entropy,
-    token_logprobs,
 )
+from scratchlm.align.stage import StartedFrom, write_answers
 from scratchlm.align.tasks import load_reward_fn
 from scratchlm.config import PPOConfig, Recipe
 from scratchlm.errors import UserError
-from scratchlm.model import ModelConfig, Transformer
 from scratchlm.train.loop import Session
 
 
@@ -85,16 +87,6 @@ class KLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = state["value"]
-
-
-def value_model_from_policy(policy: Transformer) -> Transformer:
-    """The policy's weights under a scalar head that starts at zero."""
-    config = ModelConfig.from_dict({**policy.config.to_dict(), "head": "scalar"})
-    critic = Transformer(config)
-    tensors = {k: v for k, v in policy.state_dict().items() if not k.startswith("output.")}
-    critic.load_state_dict(tensors, strict=False)
-    torch.nn.init.zeros_(critic.output.weight)
-    return critic
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -120,22 +112,22 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
             f"ppo.rollout_batch={cfg.rollout_batch} must be a multiple of ppo.minibatch_size="
             f"{cfg.minibatch_size}, and ppo.epochs at least 1"
         )
-    policy, policy_path = load_start(cfg.init_from, run_dir, "sft", "ppo.init_from", "lm")
-    tokenizer = tokenizer_for(run_dir, policy_path)
+    start = start_policy(run_dir, cfg, "ppo")
+    policy, tokenizer = start.policy, start.tokenizer
     reward_fn = load_reward_fn(cfg.reward_fn, "ppo.reward_fn") if cfg.reward_fn else None
     if reward_fn is None:
-        reward_model, reward_path = load_start(
-            cfg.reward_model, run_dir, "reward", "ppo.reward_model", "scalar"
-        )
-        critic = copy.deepcopy(reward_model)
-        reward_source = str(reward_path)
+        reward_ckpt = reward_checkpoint(run_dir, cfg.reward_model)
+        reward_model, reward_source = model_of(reward_ckpt), str(reward_ckpt.path)
+        critic = model_of(reward_ckpt)
     else:
         reward_model, reward_source = None, cfg.reward_fn
-        critic = value_model_from_policy(policy)
-    prompts = read_prompts(cfg, "ppo", tokenizer, policy.config.max_seq_len)
-    fresh_stage(run_dir, "ppo", resume)
+        critic = scalar_model(start.checkpoint, "ppo")
+        torch.nn.init.zeros_(critic.output.weight)
     session = Session("ppo", run_dir, cfg, recipe.parallel, resume, progress, False)
-    session.say(f"ppo: policy {policy_path}, reward {reward_source}; {prompts.describe()}")
+    prompts = read_prompts(cfg, "ppo", tokenizer, policy.config.max_seq_len, session)
+    session.say(
+        f"ppo: policy {start.checkpoint.path}, reward {reward_source}; {prompts.describe()}"
+    )
     device, dist = session.runtime.device, session.dist
     reference = frozen(copy.deepcopy(policy), device)
     if reward_model is not None:
@@ -148,7 +140,11 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
             group["base_lr"] = cfg.critic_lr
     order = PromptOrder(len(prompts.train), cfg.seed)
     kl_ctl = KLController(cfg)
-    stateful: dict[str, Any] = {"prompts": order, "kl_controller": kl_ctl}
+    stateful: dict[str, Any] = {
+        "prompts": order,
+        "kl_controller": kl_ctl,
+        "started_from": StartedFrom(start.checkpoint, run_dir),
+    }
     skipped = SkippedRollouts("ppo", cfg.max_skipped_rollouts)
     held_out = prompts.held_out[: cfg.eval_prompts]
 
@@ -178,8 +174,8 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
         """Sample and score one batch; a string says why it must be skipped."""
         chosen = [prompts.train[i] for i in rank_slice(order.take(cfg.rollout_batch), session)]
         model = parallel.unwrap(actor.model)
-        seed = hash((cfg.seed, session.step, dist.dp_rank, skipped.count)) % 2**31
-        start = time.time()
+        seed = step_seed(cfg.seed, session.step, dist.dp_rank, skipped.count)
+        began = time.time()
         with torch.no_grad(), session.runtime.autocast():
             try:
                 samples = sample_batch(
@@ -194,8 +190,10 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
                 )
             except NonFiniteLogits as e:
                 return str(e)
-            generated = time.time() - start
-            rows = build_rows([p.ids for p in chosen], [s.tokens for s in samples], device)
+            generated = time.time() - began
+            rows = build_rows(
+                [p.ids for p in chosen], [s.tokens for s in samples], device, tokenizer.pad_id
+            )
             logprobs = score_rows(model, rows, micro) * rows.mask
             ref_logprobs = score_rows(reference, rows, micro) * rows.mask
             values = score_rows(parallel.unwrap(value_trainer.model), rows, micro, True)
@@ -263,10 +261,8 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
         metrics = dict(zip(local, means, strict=True))
         for key in ("loss", "clip_fraction", "approx_kl", "entropy", "grad_norm"):
             metrics[key] = sum(s[key] for s in policy_stats) / len(policy_stats)
-        metrics["value_loss"] = sum(s["loss"] for s in value_stats) / len(value_stats)
-        metrics["value_clip_fraction"] = sum(s["value_clip_fraction"] for s in value_stats) / len(
-            value_stats
-        )
+        for key, name in (("loss", "value_loss"), ("value_clip_fraction", "value_clip_fraction")):
+            metrics[name] = sum(s[key] for s in value_stats) / len(value_stats)
         metrics["kl_coef"] = kl_ctl.value
         metrics["skipped_rollouts"] = skipped.count
         metrics["tokens"] *= dist.dp_size
@@ -277,9 +273,10 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
             return {}
         model = parallel.unwrap(actor.model)
         with torch.no_grad(), session.runtime.autocast():
-            samples = answer(model, held_out, cfg, tokenizer, seed=cfg.seed)
+            samples = sample_answers(model, held_out, cfg, tokenizer, seed=cfg.seed)
             scores = rewards_of(held_out, samples)
-            rows = build_rows([p.ids for p in held_out], [s.tokens for s in samples], device)
+            responses = [s.tokens for s in samples]
+            rows = build_rows([p.ids for p in held_out], responses, device, tokenizer.pad_id)
             kl = (score_rows(model, rows, micro) - score_rows(reference, rows, micro)) * rows.mask
         return {
             "val_reward": float(scores.nanmean()),
@@ -288,13 +285,13 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
             "val_response_length": float(rows.mask.sum(1).mean()),
         }
 
-    start = evaluate() if session.restored is None else {}
-    if start:
-        session.log.write(0, **start)
+    start_val = evaluate() if session.restored is None else {}
+    if start_val:
+        session.log.write(0, **start_val)
     result = session.run(train_step, evaluate, stateful)
     summary = f"ppo: step {result['step']}"
     if "val_reward" in result:
-        before = f" (from {start['val_reward']:.3f})" if start else ""
+        before = f" (from {start_val['val_reward']:.3f})" if start_val else ""
         summary += (
             f", held-out reward {result['val_reward']:.3f}{before}, KL {result['val_kl']:.2f} "
             f"nats, {result['val_end_rate']:.0%} ended"
@@ -303,4 +300,11 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
         f"{summary}, {skipped.count} rollouts skipped, {result['seconds']:.0f} s; "
         f"saved {result['checkpoint']}"
     )
-    return {**result, "skipped_rollouts": skipped.count}
+    answers = write_answers(recipe, run_dir, "ppo", result["checkpoint"]) if dist.is_main else []
+    return {
+        **result,
+        "start_val_reward": start_val.get("val_reward"),
+        "skipped_rollouts": skipped.count,
+        "answers": answers,
+        "started_from": str(start.checkpoint.path),
+    }

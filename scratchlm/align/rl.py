@@ -1,28 +1,30 @@
-"""What PPO and GRPO share: their starting models, the prompt order, answering and scoring
-prompts, and skipping rollouts whose rewards or logits are NaN."""
+"""What PPO and GRPO share: the starting policy and its tokenizer, the prompt order, answering and
+scoring prompts, and skipping rollouts whose rewards or logits are NaN."""
 
 from __future__ import annotations
 
-import math
-import os
-import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from scratchlm.align.batches import pad_rows
+from scratchlm.align.data import write_rejects
 from scratchlm.align.prompts import Prompt, Prompts, load_prompts
+from scratchlm.align.reward import score
 from scratchlm.align.rollout import Sample, sample_batch
+from scratchlm.align.stage import language_model, start_checkpoint, tokenizer_for
 from scratchlm.align.tasks import RewardFn, call_reward
 from scratchlm.config import ParallelConfig, RolloutConfig
 from scratchlm.errors import UserError
-from scratchlm.loading import find_tokenizer, is_run_dir
+from scratchlm.loading import is_run_dir
 from scratchlm.model import ModelConfig, Transformer
+from scratchlm.paths import resolve
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.checkpoint import load_checkpoint, load_weights
+from scratchlm.train.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, load_weights
 from scratchlm.train.loop import Session
-from scratchlm.train.metrics import drop_rows
 
 ANSWER_ROWS = 64
 """Prompts answered together when evaluating."""
@@ -37,39 +39,45 @@ def check_layout(stage: str, parallel: ParallelConfig) -> None:
         )
 
 
-def fresh_stage(run_dir: Path, stage: str, resume: bool) -> None:
-    """A fresh start moves earlier checkpoints to STAGE.prev and drops the stage's metrics."""
-    if int(os.environ.get("RANK", "0")) != 0 or resume:
-        return
-    stage_dir = run_dir / stage
-    if stage_dir.is_dir() and any(stage_dir.iterdir()):
-        previous = run_dir / f"{stage}.prev"
-        shutil.rmtree(previous, ignore_errors=True)
-        stage_dir.rename(previous)
-        print(f"{stage}: starting afresh; earlier checkpoints moved to {previous}")
-    drop_rows(run_dir / "metrics.jsonl", stage)
+@dataclass
+class Start:
+    """Where an RL stage starts: the SFT checkpoint (or init_from), its policy and tokenizer."""
+
+    checkpoint: Checkpoint
+    policy: Transformer
+    tokenizer: Tokenizer
 
 
-def load_start(
-    value: str, run_dir: Path, default_stage: str, key: str, head: str
-) -> tuple[Transformer, Path]:
-    """The model a recipe key names (a checkpoint, a stage folder or a run folder; empty:
-    RUN/<default_stage>) and its checkpoint path; it must have the given head."""
-    path = Path(value) if value else run_dir / default_stage
+def start_policy(run_dir: Path, cfg: RolloutConfig, stage: str) -> Start:
+    checkpoint = start_checkpoint(run_dir, cfg.init_from, "sft", stage)
+    policy = language_model(checkpoint, stage)
+    return Start(checkpoint, policy, tokenizer_for(checkpoint, policy))
+
+
+def reward_checkpoint(run_dir: Path, value: str) -> Checkpoint:
+    """The reward model ppo.reward_model names (a checkpoint, stage or run folder), else
+    RUN/reward; it must have a scalar head."""
+    path = resolve(value) if value else run_dir / "reward"
     if is_run_dir(path):
-        path = path / default_stage
-    if not path.exists() or not any(path.glob("step-*")) and not (path / "config.json").exists():
+        path = path / "reward"
+    if not (path / "config.json").is_file() and not list_checkpoints(path):
         raise UserError(
-            f"{key}: no checkpoint at {path}; run `scratchlm {default_stage} --run-dir "
-            f"{run_dir}` first or set {key}"
+            f"ppo scores answers with the reward model, but {path} has no checkpoint: run "
+            f"`scratchlm reward --run-dir {run_dir}` first, or set ppo.reward_model or "
+            "ppo.reward_fn"
         )
-    ckpt = load_checkpoint(path)
-    config = ModelConfig.from_dict(ckpt.model_config)
-    if config.head != head:
-        raise UserError(f"{key}: {ckpt.path} has a {config.head!r} head; expected {head!r}")
-    model = Transformer(config)
-    load_weights(model, ckpt.tensors)
-    return model, ckpt.path
+    checkpoint = load_checkpoint(path)
+    if checkpoint.model_config.get("head") != "scalar":
+        raise UserError(
+            f"ppo.reward_model: {checkpoint.path} is not a reward model (no scalar head)"
+        )
+    return checkpoint
+
+
+def model_of(checkpoint: Checkpoint) -> Transformer:
+    model = Transformer(ModelConfig.from_dict(checkpoint.model_config))
+    load_weights(model, checkpoint.tensors)
+    return model
 
 
 def frozen(model: Transformer, device: torch.device) -> Transformer:
@@ -80,14 +88,20 @@ def frozen(model: Transformer, device: torch.device) -> Transformer:
     return model
 
 
-def read_prompts(cfg: RolloutConfig, stage: str, tokenizer: Tokenizer, context: int) -> Prompts:
-    """The stage's prompts, each short enough for max_new_tokens to fit the context after it."""
+def read_prompts(
+    cfg: RolloutConfig, stage: str, tokenizer: Tokenizer, context: int, session: Session
+) -> Prompts:
+    """The stage's prompts, each short enough for max_new_tokens to fit the context after it;
+    the set-aside records go to RUN/<stage>/data/rejected.jsonl."""
     if cfg.max_new_tokens < 1 or cfg.max_new_tokens >= context:
         raise UserError(
             f"{stage}.max_new_tokens={cfg.max_new_tokens} must be between 1 and the context "
             f"({context}) less one"
         )
-    return load_prompts(cfg.data, tokenizer, context - cfg.max_new_tokens, cfg.val_fraction)
+    prompts = load_prompts(cfg.data, tokenizer, context - cfg.max_new_tokens, cfg.val_fraction)
+    if session.dist.is_main:
+        write_rejects(prompts.rejects, session.stage_dir / "data")
+    return prompts
 
 
 class PromptOrder:
@@ -132,7 +146,13 @@ def rank_slice(items: list, session: Session) -> list:
     return items[session.dist.dp_rank * share : (session.dist.dp_rank + 1) * share]
 
 
-def answer(
+def step_seed(*parts: int) -> int:
+    """A sampling seed fixed by the run's seed, the step, the rank and the attempt, so a resumed
+    run samples what the uninterrupted one did."""
+    return hash(parts) % 2**31
+
+
+def sample_answers(
     model: Transformer,
     prompts: list[Prompt],
     cfg: RolloutConfig,
@@ -180,8 +200,9 @@ def reward_model_scores(
     ended: list[bool],
     micro_batch: int,
 ) -> torch.Tensor:
-    """The reward model's scalar at the last token of encode_chat(prompt + the response): the
-    <|end|> closing it, or the response's last token when it did not end. [B] on the CPU."""
+    """The reward model's score of each answer, [B] on the CPU: read at the last token of
+    encode_chat(prompt + the response), the <|end|> closing it; a response that did not end is
+    read at its own last token (the reward contract of scratchlm.align.reward)."""
     device = next(reward_model.parameters()).device
     context = reward_model.config.max_seq_len
     rows = []
@@ -190,14 +211,8 @@ def reward_model_scores(
         rows.append((ids if end else ids[:-1])[-context:])
     scores = []
     for start in range(0, len(rows), micro_batch):
-        chunk = rows[start : start + micro_batch]
-        width = max(len(r) for r in chunk)
-        tokens = torch.full((len(chunk), width), tokenizer.pad_id, dtype=torch.long)
-        for b, r in enumerate(chunk):
-            tokens[b, : len(r)] = torch.tensor(r)
-        values = reward_model(tokens.to(device)).float()
-        last = torch.tensor([len(r) - 1 for r in chunk], device=device)
-        scores.append(values.gather(1, last[:, None]).squeeze(1).cpu())
+        tokens, lengths = pad_rows(rows[start : start + micro_batch], tokenizer.pad_id)
+        scores.append(score(reward_model, tokens.to(device), lengths).float().cpu())
     return torch.cat(scores)
 
 
@@ -227,12 +242,3 @@ class SkippedRollouts:
 
 def finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def tokenizer_for(run_dir: Path, checkpoint: Path) -> Tokenizer:
-    path = run_dir / "tokenizer.json"
-    return Tokenizer.load(path if path.is_file() else find_tokenizer(checkpoint))
-
-
-def mean_or_nan(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan

@@ -3,7 +3,7 @@
 `sample_batch` is the one function that generates. It decodes every prompt of the batch at once
 on the model's contiguous KV cache: prompts are left-padded to one length, each row has its own
 positions, and padding is masked out of attention. Log-probabilities are not taken from the
-sampler: the trained policy scores prompt + response in a separate forward (`token_logprobs`),
+sampler: the trained policy scores prompt + response in a separate forward (`score_rows`),
 as the loss sees them.
 """
 
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from scratchlm.align.batches import pad_rows, response_mask
+from scratchlm.align.losses import token_logprobs
 from scratchlm.infer.generate import top_k_filter, top_p_filter
 from scratchlm.model import AttentionContext, KVCache, Transformer
 
@@ -143,22 +145,11 @@ def build_rows(
     prompts: list[list[int]], responses: list[list[int]], device: torch.device, pad_id: int = 0
 ) -> Rows:
     """Rows of prompt + response; every response must hold at least one token."""
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
-    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width - 1)
-    last = torch.zeros(len(prompts), dtype=torch.long)
-    for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        tokens[b, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        mask[b, len(p) - 1 : len(p) + len(r) - 1] = 1.0
-        last[b] = len(p) + len(r) - 2
-    tokens, mask, last = tokens.to(device), mask.to(device), last.to(device)
-    return Rows(tokens[:, :-1], tokens[:, 1:], mask, last)
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(targets) under logits [B, T, V], in fp32: [B, T]."""
-    logits = logits.float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    tokens, lengths = pad_rows([p + r for p, r in zip(prompts, responses, strict=True)], pad_id)
+    prompt_lens = torch.tensor([len(p) for p in prompts])
+    mask = response_mask(lengths, prompt_lens, tokens.shape[1] - 1).float()
+    tokens, mask, lengths = tokens.to(device), mask.to(device), lengths.to(device)
+    return Rows(tokens[:, :-1], tokens[:, 1:], mask, lengths - 2)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
