@@ -162,3 +162,45 @@ def test_ppo_needs_an_sft_checkpoint(tmp_path, capsys):
     (tmp_path / "recipe.toml").write_text("")
     assert main(["ppo", str(ROOT / "recipes/tiny.toml"), "--run-dir", str(tmp_path)]) == 2
     assert "run `scratchlm sft" in capsys.readouterr().err
+
+
+def test_the_kl_coefficient_adapts_toward_its_target():
+    from scratchlm.align.ppo import KLController
+
+    cfg = load_recipe(None, ["ppo.kl_coef=0.1", "ppo.kl_target=2.0", "ppo.kl_horizon=1000"]).ppo
+    kl = KLController(cfg)
+    kl.update(8.0, responses=100)  # far above the target: the error is clipped to +0.2
+    assert kl.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 1000))
+    kl.update(1.8, responses=100)  # 10% below: the coefficient shrinks by 0.1 * 100 / 1000
+    assert kl.value == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 0.1))
+    fixed = KLController(load_recipe(None, ["ppo.kl_coef=0.1"]).ppo)
+    fixed.update(8.0, responses=100)
+    assert fixed.value == 0.1
+
+
+def test_ppo_refuses_sharded_layouts(color_run, tmp_path, capsys, monkeypatch):
+    run_dir = fresh(color_run, tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node=2 would
+    sets = [x for s in settings(run_dir, "ppo.max_steps=1") for x in ("--set", s)]
+    assert main(["ppo", "--run-dir", str(run_dir), *sets]) == 2
+    assert "set parallel.dp_replicate=2, dp_shard=1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ppo_data_parallel_on_two_processes(color_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run_dir = fresh(color_run, tmp_path)
+    sets = settings(run_dir, "ppo.max_steps=2", "parallel.dp_replicate=2")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m"]
+    cmd += ["scratchlm", "ppo", "--run-dir", str(run_dir), *(f"--set={s}" for s in sets)]
+    done = subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "data-parallel 2" in done.stdout
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    ckpt = load_checkpoint(run_dir / "ppo")
+    assert ckpt.trainer_state["step"] == 2 and ckpt.part("critic")[0]

@@ -68,7 +68,8 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
     start = start_policy(run_dir, cfg, "grpo")
     policy, tokenizer = start.policy, start.tokenizer
     session = Session("grpo", run_dir, cfg, recipe.parallel, resume, progress, False)
-    prompts = read_prompts(cfg, "grpo", tokenizer, policy.config.max_seq_len, session)
+    rejects_to = session.stage_dir / "data" if session.dist.is_main else None
+    prompts = read_prompts(cfg, "grpo", tokenizer, policy.config.max_seq_len, rejects_to)
     session.say(
         f"grpo: policy {start.checkpoint.path}, reward {cfg.reward_fn}; {prompts.describe()}"
     )

@@ -124,7 +124,8 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
         critic = scalar_model(start.checkpoint, "ppo")
         torch.nn.init.zeros_(critic.output.weight)
     session = Session("ppo", run_dir, cfg, recipe.parallel, resume, progress, False)
-    prompts = read_prompts(cfg, "ppo", tokenizer, policy.config.max_seq_len, session)
+    rejects_to = session.stage_dir / "data" if session.dist.is_main else None
+    prompts = read_prompts(cfg, "ppo", tokenizer, policy.config.max_seq_len, rejects_to)
     session.say(
         f"ppo: policy {start.checkpoint.path}, reward {reward_source}; {prompts.describe()}"
     )

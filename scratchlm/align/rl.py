@@ -3,6 +3,7 @@ scoring prompts, and skipping rollouts whose rewards or logits are NaN."""
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +32,14 @@ ANSWER_ROWS = 64
 
 
 def check_layout(stage: str, parallel: ParallelConfig) -> None:
-    """Rollouts run the whole model on each rank: one process, or plain data parallelism."""
-    if parallel.dp_shard not in (1, -1) or parallel.tp > 1 or parallel.pp > 1:
+    """Rollouts run the whole model on each rank, and ranks decode for different numbers of
+    steps: one process, or plain data parallelism (DDP), where a forward is no collective."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    sharded = parallel.dp_shard not in (1, -1) or (world > 1 and parallel.dp_replicate != world)
+    if sharded or parallel.tp > 1 or parallel.pp > 1 or parallel.engine != "torch":
         raise UserError(
-            f"{stage} runs on one device or under data parallelism (parallel.dp_replicate); "
-            "set parallel.dp_shard=1, tp=1 and pp=1"
+            f"{stage} runs on one process or data-parallel with whole models on every rank: set "
+            f"parallel.dp_replicate={world}, dp_shard=1, tp=1, pp=1 and engine='torch'"
         )
 
 
@@ -89,18 +93,18 @@ def frozen(model: Transformer, device: torch.device) -> Transformer:
 
 
 def read_prompts(
-    cfg: RolloutConfig, stage: str, tokenizer: Tokenizer, context: int, session: Session
+    cfg: RolloutConfig, stage: str, tokenizer: Tokenizer, context: int, rejects_to: Path | None
 ) -> Prompts:
     """The stage's prompts, each short enough for max_new_tokens to fit the context after it;
-    the set-aside records go to RUN/<stage>/data/rejected.jsonl."""
+    the records set aside go to rejects_to/rejected.jsonl."""
     if cfg.max_new_tokens < 1 or cfg.max_new_tokens >= context:
         raise UserError(
             f"{stage}.max_new_tokens={cfg.max_new_tokens} must be between 1 and the context "
             f"({context}) less one"
         )
     prompts = load_prompts(cfg.data, tokenizer, context - cfg.max_new_tokens, cfg.val_fraction)
-    if session.dist.is_main:
-        write_rejects(prompts.rejects, session.stage_dir / "data")
+    if rejects_to is not None:
+        write_rejects(prompts.rejects, rejects_to)
     return prompts
 
 
