@@ -23,20 +23,21 @@ THINGS = [
 TINY = dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=48, tie_embeddings=True)
 
 
-def color_chats(seed: int = 0, copies: int = 10) -> list[dict]:
-    """'What color is the car?' answered with a colour drawn uniformly: one in five is blue."""
+def color_chats(seed: int = 0, copies: int = 2) -> list[dict]:
+    """'What color is the car?' answered `copies` times with each colour, so one answer in five
+    for every thing is blue."""
     rng = random.Random(seed)
-    chats = []
-    for _ in range(copies):
-        for thing in THINGS:
-            chats.append(
-                {
-                    "messages": [
-                        {"role": "user", "content": f"What color is the {thing}?"},
-                        {"role": "assistant", "content": f"The {thing} is {rng.choice(COLORS)}."},
-                    ]
-                }
-            )
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What color is the {thing}?"},
+                {"role": "assistant", "content": f"The {thing} is {color}."},
+            ]
+        }
+        for thing in THINGS
+        for color in COLORS * copies
+    ]
+    rng.shuffle(chats)
     return chats
 
 

@@ -1,5 +1,5 @@
-"""PPO on a task where the truth is known: a tiny policy answers "What color is the X?" with one of
-five colours at random, and learns to say blue (from a rule, or from a reward model that learnt
+"""PPO on a task where the truth is known: a tiny policy answers "What color is the X?" with each of
+five colours equally often, and learns to say blue (from a rule, or from a reward model that learnt
 the rule from pairs); checkpoints, resume, the CLI and bad input."""
 
 import json
@@ -64,9 +64,9 @@ def test_ppo_against_a_rule_raises_success_to_090_within_a_kl_bound(color_run, t
     start = next(r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] == 0)
     assert start["val_reward"] <= 0.4  # one answer in five says blue before PPO
     assert result["val_reward"] >= 0.9
-    # Always answering blue and otherwise copying SFT costs log(1 / baseline) nats per answer;
-    # PPO may spend at most one nat more.
-    assert 0 < result["val_kl"] < math.log(1 / start["val_reward"]) + 1.0
+    # Always answering blue and otherwise copying SFT costs log 5 nats per answer; PPO may
+    # spend at most twice that.
+    assert 0 < result["val_kl"] < 2 * math.log(5)
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 41))
     logged = {"reward", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss"}

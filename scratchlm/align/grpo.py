@@ -36,6 +36,7 @@ from scratchlm.align.rl import (
     sample_answers,
     start_policy,
     step_seed,
+    trim_padding,
 )
 from scratchlm.align.rollout import (
     NonFiniteLogits,
@@ -62,8 +63,6 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
             f"group_size={responses_per_step} a multiple of minibatch_size={cfg.minibatch_size}, "
             "and epochs at least 1"
         )
-    if not cfg.reward_fn:
-        raise UserError("grpo.reward_fn is empty: name a reward function as module:function")
     reward_fn = load_reward_fn(cfg.reward_fn, "grpo.reward_fn")
     start = start_policy(run_dir, cfg, "grpo")
     policy, tokenizer = start.policy, start.tokenizer
@@ -175,7 +174,7 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
             shuffled = torch.randperm(rows, generator=generator).to(device)
             for first in range(0, rows, micro * accum):
                 picked = shuffled[first : first + micro * accum]
-                mb = {k: v[picked] for k, v in data.items()}
+                mb = trim_padding({k: v[picked] for k, v in data.items()})
                 trained += mb["inputs"].numel()
                 stats.append(actor.step(mb, loss_fn))
         local = {

@@ -55,6 +55,7 @@ from scratchlm.align.rl import (
     sample_answers,
     start_policy,
     step_seed,
+    trim_padding,
 )
 from scratchlm.align.rollout import (
     NonFiniteLogits,
@@ -95,12 +96,6 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     residual = returns - values
     var_res = masked_mean((residual - masked_mean(residual, mask)).square(), mask)
     return float(1.0 - var_res / var.clamp(min=1e-8))
-
-
-def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The minibatch without the padding columns after its longest row."""
-    width = int(batch["mask"].nonzero()[:, 1].max()) + 1
-    return {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
 
 
 def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
@@ -245,7 +240,8 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
         for _ in range(cfg.epochs):
             shuffled = torch.randperm(rows, generator=generator).to(device)
             for first in range(0, rows, micro * accum):
-                mb = trim({k: v[shuffled[first : first + micro * accum]] for k, v in data.items()})
+                picked = shuffled[first : first + micro * accum]
+                mb = trim_padding({k: v[picked] for k, v in data.items()})
                 trained += mb["inputs"].numel()
                 policy_stats.append(actor.step(mb, policy_loss))
                 value_stats.append(value_trainer.step(mb, value_loss))

@@ -244,5 +244,11 @@ class SkippedRollouts:
             )
 
 
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A minibatch of rows without the padding columns after its longest response."""
+    width = int(batch["mask"].nonzero()[:, 1].max()) + 1
+    return {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
+
+
 def finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
