@@ -78,7 +78,10 @@ def test_dpo_sigmoid_ipo_and_conservative():
 
 
 def test_dpo_gradient_pushes_chosen_up_and_rejected_down():
-    chosen, rejected = torch.tensor([-1.0], requires_grad=True), torch.tensor([-3.0], requires_grad=True)
+    chosen, rejected = (
+        torch.tensor([-1.0], requires_grad=True),
+        torch.tensor([-3.0], requires_grad=True),
+    )
     loss, _, _ = dpo_loss(chosen, rejected, torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5)
     loss.backward()
     # d/dh of -log sigmoid(beta h) = -beta (1 - sigmoid(beta h)) = -0.5 * 0.268941 = -0.134471

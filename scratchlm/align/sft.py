@@ -102,9 +102,9 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
     answers = (
         write_answers(recipe, run_dir, "sft", result["checkpoint"]) if session.dist.is_main else []
     )
-    val = f"val_loss {result['val_loss']:.4f} on assistant tokens" if "val_loss" in result else ""
+    val = f"val_loss {result['val_loss']:.4f} on assistant tokens, " if "val_loss" in result else ""
     session.say(
-        f"sft: {result['step']} steps on {len(data.train):,} conversations, {val}, "
+        f"sft: {result['step']} steps on {len(data.train):,} conversations, {val}"
         f"{result['seconds']:.0f} s -> {result['checkpoint']}"
     )
     return {**result, "data": data.summary(), "answers": answers, "started_from": str(start.path)}
