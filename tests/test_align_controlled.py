@@ -4,6 +4,7 @@ raises the success of a rule from its SFT baseline."""
 import random
 
 from align_helpers import random_words, recipe, tiny_run, write_jsonl
+
 from scratchlm.align import dpo, reward, sft
 from scratchlm.align.evaluate import PreferenceOptions, PreferenceTask, preference_checkpoint
 from scratchlm.loading import load

@@ -6,14 +6,14 @@ import json
 import random
 
 import pytest
-
 from align_helpers import random_words, write_jsonl
 from conftest import ROOT
+from test_pretrain import TINY
+
 from scratchlm.config import load_recipe
 from scratchlm.errors import UserError
 from scratchlm.loading import latest_checkpoint_dir
 from scratchlm.pipeline import run_align_stage
-from test_pretrain import TINY
 
 
 def test_pipeline_runs_align_stages_then_skips_them(cli, tmp_path):

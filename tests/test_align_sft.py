@@ -5,8 +5,8 @@ import random
 
 import pytest
 import torch
-
 from align_helpers import random_words, tiny_run, write_jsonl
+
 from scratchlm.align.batches import PackedChatLoader, pack_chats
 from scratchlm.align.losses import IGNORE
 from scratchlm.align.sft import sft_loss
@@ -49,7 +49,9 @@ def test_packed_loss_equals_unpacked_loss():
     total, count = 0.0, 0
     for ids, mask in chats:
         tokens = torch.tensor([ids[:-1]])
-        targets = torch.tensor([[t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]])
+        targets = torch.tensor(
+            [[t if m else IGNORE for t, m in zip(ids[1:], mask[1:], strict=True)]]
+        )
         n = int((targets != IGNORE).sum())
         total += float(cross_entropy_loss(model(tokens), targets)) * n
         count += n
