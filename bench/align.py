@@ -70,10 +70,11 @@ def sft_figures(run_dir: Path, recipe: Recipe, n: int = 200, max_new_tokens: int
     lengths = []
     for ids, mask in chats[:n]:
         prompt = ids[: mask.index(1)]  # up to the assistant's first token
-        new = list(generate(model, prompt, max_new_tokens, temperature=0.0))
-        stop = tokenizer.end_id in new
-        ended += stop
-        lengths.append(new.index(tokenizer.end_id) if stop else len(new))
+        stop = (tokenizer.end_id,)
+        new = list(generate(model, prompt, max_new_tokens, temperature=0.0, stop_ids=stop))
+        # Generation ends at <|end|> (not yielded), after max_new_tokens, or at a full context.
+        ended += len(new) < max_new_tokens and len(prompt) + len(new) < seq
+        lengths.append(len(new))
     rows = pack_chats(chats, seq, tokenizer.pad_id)
     loss = validation_loss(model, rows, 16, CPU)
     low, high = wilson_interval(ended, len(lengths))
