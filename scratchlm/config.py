@@ -165,6 +165,9 @@ class DPOConfig(TrainConfig):
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = 0.0
     """Conservative DPO: the chance that a pair's label is wrong (sigmoid loss only)."""
+    sft_weight: float = 0.0
+    """Weight of the chosen responses' per-token cross-entropy added to the loss (RPO): it keeps
+    DPO from lowering the likelihood of the chosen responses along with the rejected ones."""
     max_steps: int = 200
     lr: float = 1e-4
     min_lr: float = 1e-5

@@ -33,7 +33,7 @@ STAGE_SECTIONS: dict[str, list[str]] = {
     "tokenizer": ["tokenizer", "model.vocab_size"],
     "tokenize": ["tokens"],
     "pretrain": ["model", "pretrain", "parallel"],
-    **{stage: [stage, "parallel", "align"] for stage in ALIGN_STAGES},
+    **{stage: [stage, "parallel"] for stage in ALIGN_STAGES},
     "eval": ["sample"],
     "report": [],
 }

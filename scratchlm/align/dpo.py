@@ -143,6 +143,10 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
             cfg.loss_type,
             cfg.label_smoothing,
         )
+        if cfg.sft_weight:
+            response_tokens = (batch["lengths"] - batch["prompt_lens"]).chunk(2)[0]
+            per_token = chosen if average else chosen / response_tokens.clamp(min=1)
+            loss = loss - cfg.sft_weight * per_token.mean()
         return loss, {
             "accuracy": (chosen_reward > rejected_reward).float().mean(),
             "margin": (chosen_reward - rejected_reward).mean(),

@@ -151,7 +151,7 @@ def eval_command(argv: list[str]) -> int:
     """`scratchlm eval PATH --tasks preference --data FILE [--json]`."""
     parser = argparse.ArgumentParser(
         prog="scratchlm eval",
-        description="score a reward model (or a policy, by its implicit reward) on preference pairs",
+        description="score a reward model, or a policy by its implicit reward, on preference pairs",
     )
     parser.add_argument("path", type=Path, help="run folder, stage folder or checkpoint")
     parser.add_argument("--tasks", required=True, help="preference")

@@ -11,7 +11,7 @@ A layout is recognised per record by its keys, so one file may mix layouts:
     prompt, chosen, rejected                  preference (this project; strings are accepted too)
     instruction, input, chosen, rejected      rasbt's preference layout (LLMs-from-scratch ch. 7)
     conversations, chosen {from, value}, ...  LLaMA-Factory's ShareGPT preference layout
-    chosen, rejected transcripts              Anthropic HH-RLHF ("\\n\\nHuman: ... \\n\\nAssistant: ...")
+    chosen, rejected transcripts              HH-RLHF ("\\n\\nHuman: ... \\n\\nAssistant: ...")
 
 A record that fits no layout, or whose messages break the rules (an unknown role, an empty turn, no
 assistant turn), raises BadRecord with the reason; readers count it and set it aside.

@@ -26,6 +26,7 @@ from scratchlm.align.stage import (
     write_rejects,
 )
 from scratchlm.config import Recipe
+from scratchlm.device import Runtime
 from scratchlm.train.loop import Session, to_device
 
 
@@ -39,17 +40,15 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
 
 @torch.no_grad()
 def validation_loss(
-    model: torch.nn.Module, rows: dict[str, torch.Tensor], micro: int, session: Session
+    model: torch.nn.Module, rows: dict[str, torch.Tensor], micro: int, runtime: Runtime
 ) -> float:
     """Cross-entropy per assistant token over all held-out rows (each micro-batch weighted by
     its number of assistant tokens, so the figure does not depend on how rows are batched)."""
     total, count = 0.0, 0
     model.eval()
     for start in range(0, len(rows["tokens"]), micro):
-        batch = to_device(
-            {k: v[start : start + micro] for k, v in rows.items()}, session.runtime.device
-        )
-        with session.runtime.autocast():
+        batch = to_device({k: v[start : start + micro] for k, v in rows.items()}, runtime.device)
+        with runtime.autocast():
             loss, metrics = sft_loss(model, batch)
         n = int(metrics["assistant_tokens"])
         total, count = total + float(loss) * n, count + n
@@ -95,16 +94,17 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
     def evaluate() -> dict[str, float]:
         if val_rows is None:
             return {}
-        return {"val_loss": validation_loss(trainer.eval_model(micro), val_rows, micro, session)}
+        model = trainer.eval_model(micro)
+        return {"val_loss": validation_loss(model, val_rows, micro, session.runtime)}
 
     stateful = {"loader": loader, "started_from": StartedFrom(start, run_dir)}
     result = session.run(train_step, evaluate, stateful)
     answers = (
         write_answers(recipe, run_dir, "sft", result["checkpoint"]) if session.dist.is_main else []
     )
-    val = f"val_loss {result['val_loss']:.4f} on assistant tokens" if "val_loss" in result else ""
+    val = f"val_loss {result['val_loss']:.4f} on assistant tokens, " if "val_loss" in result else ""
     session.say(
-        f"sft: {result['step']} steps on {len(data.train):,} conversations, {val}, "
+        f"sft: {result['step']} steps on {len(data.train):,} conversations, {val}"
         f"{result['seconds']:.0f} s -> {result['checkpoint']}"
     )
     return {**result, "data": data.summary(), "answers": answers, "started_from": str(start.path)}
