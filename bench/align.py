@@ -1,6 +1,7 @@
 """Alignment figures of a run of recipes/align.toml (made first if needed; finished stages are
 skipped): SFT end-of-turn rate and validation loss, reward-model accuracy on held-out HH-RLHF
-pairs beside two baselines on the same pairs.
+pairs beside two baselines on the same pairs, and with ppo in align.stages the PPO figures of
+bench/align_rl.py (win rate over SFT by the reward model, mean rewards, KL, speed).
 
     PYTHONPATH=. python bench/align.py [--run-dir runs/align] [--recipe recipes/align.toml] [--json]
 
@@ -148,6 +149,11 @@ def main() -> None:
         seconds=round(time.time() - start, 1),
     )
 
+    if "ppo" in recipe.align.stages:
+        from bench.align_rl import figures as ppo_figures
+
+        figures.update(ppo_figures(args.run_dir, n_prompts=200, seed=0))
+
     print(f"\nalignment figures of {args.run_dir} (fp32, torch {torch.__version__}, CPU)")
     print(f"{'figure':<52}{'value':>10}  95% interval")
     rows = [
@@ -160,6 +166,14 @@ def main() -> None:
         ("baseline: reward model from the pretrained model", from_pretrained["accuracy"],
          from_pretrained["ci95"]),
     ]  # fmt: skip
+    if "ppo_win_rate" in figures:
+        rows += [
+            (f"PPO: reward model's win rate over SFT (n={figures['ppo_prompts']} prompts)",
+             figures["ppo_win_rate"], figures["ppo_win_rate_ci95"]),
+            (f"PPO: mean reward (SFT {figures['sft_mean_reward']:.3f})",
+             figures["ppo_mean_reward"], None),
+            ("PPO: KL to SFT, nats per answer", figures["ppo_kl"], None),
+        ]  # fmt: skip
     for name, value, interval in rows:
         shown = f"{interval[0]:.3f}-{interval[1]:.3f}" if interval else ""
         print(f"{name:<52}{value:>10.3f}  {shown}")

@@ -85,7 +85,7 @@ def figures(run_dir: Path, n_prompts: int, seed: int) -> dict:
         return round(sum(r[key] for r in speed) / len(speed), 3) if speed else float("nan")
 
     return {
-        "n": wins["n"],
+        "ppo_prompts": wins["n"],
         "sft_mean_reward": round(float(rows["sft"]["scores"].mean()), 4),
         "ppo_mean_reward": round(float(rows["ppo"]["scores"].mean()), 4),
         "sft_end_rate": round(sum(rows["sft"]["ended"]) / len(prompts), 4),
@@ -110,7 +110,8 @@ def main() -> None:
     args = parser.parse_args()
     f = figures(args.run_dir, args.prompts, args.seed)
     low, high = f["ppo_win_rate_ci95"]
-    print(f"PPO vs SFT on {f['n']} held-out prompts of {args.run_dir} (reward model's scores)")
+    n = f["ppo_prompts"]
+    print(f"PPO vs SFT on {n} held-out prompts of {args.run_dir} (the reward model's scores)")
     print(f"{'':28}{'SFT':>10}{'PPO':>10}")
     print(f"{'mean reward':28}{f['sft_mean_reward']:>10.3f}{f['ppo_mean_reward']:>10.3f}")
     print(f"{'answers that end':28}{f['sft_end_rate']:>10.1%}{f['ppo_end_rate']:>10.1%}")
