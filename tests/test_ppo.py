@@ -204,3 +204,61 @@ def test_ppo_data_parallel_on_two_processes(color_run, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     ckpt = load_checkpoint(run_dir / "ppo")
     assert ckpt.trainer_state["step"] == 2 and ckpt.part("critic")[0]
+
+
+def test_the_seeds_path_in_the_pipeline(cli, tmp_path):
+    """pretrain -> sft -> reward -> ppo in `scratchlm pipeline`: SFT and PPO answers printed side by
+    side, the PPO policy is the run's model, and a second run skips every stage."""
+    import gzip
+    import random
+
+    from align_helpers import random_words, write_jsonl
+    from test_pretrain import TINY
+
+    from scratchlm.loading import latest_checkpoint_dir
+
+    with gzip.open(ROOT / "data/tinystories/tinystories_train_head_lowercase.txt.gz", "rt") as f:
+        (tmp_path / "stories.txt").write_text(f.read(60_000))
+    rng = random.Random(0)
+    chats, pairs = [], []
+    for i in range(60):
+        question = f"tell me about the {random_words(rng, 2)} {i}"
+        chats.append({"instruction": question, "input": "", "output": random_words(rng, 5)})
+        pairs.append({"prompt": question, "chosen": "yes " + random_words(rng, 3),
+                      "rejected": random_words(rng, 4)})  # fmt: skip
+    pair_file = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    sets = [
+        f'data.inputs=["{tmp_path / "stories.txt"}"]',
+        "curate.text_separator='(?<!\\n)\\n(?!\\n)'",
+        *TINY,
+        "model.max_seq_len=64",
+        "pretrain.max_steps=4",
+        'align.stages=["sft", "reward", "ppo"]',
+        "align.prompts=['tell me about the cat']",
+        "align.max_new_tokens=6",
+        *(f"{s}.device='cpu'" for s in ("sft", "reward", "ppo")),
+        f'sft.data=["{write_jsonl(tmp_path / "chat.jsonl", chats)}"]',
+        "sft.max_steps=2",
+        "sft.rows_per_step=4",
+        f'reward.data=["{pair_file}"]',
+        "reward.max_steps=2",
+        "reward.pairs_per_step=8",
+        f'ppo.data=["{pair_file}"]',
+        "ppo.max_steps=2",
+        "ppo.rollout_batch=8",
+        "ppo.minibatch_size=4",
+        "ppo.max_new_tokens=8",
+        "ppo.eval_prompts=8",
+        "sample.prompts=['the cat']",
+        "sample.max_new_tokens=4",
+    ]
+    run = tmp_path / "run"
+    args = ["pipeline", "--run-dir", str(run)] + [a for s in sets for a in ("--set", s)]
+    first = cli(*args, env={"OMP_NUM_THREADS": "1"})
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = first.stdout
+    assert "== ppo\n" in out and any(line.startswith("ppo: step 2, ") for line in out.splitlines())
+    assert ">>> tell me about the cat\n[sft] " in out and "\n[ppo] " in out
+    assert latest_checkpoint_dir(run) == run / "ppo"
+    again = cli(*args, env={"OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0 and "== ppo: up to date, skipped" in again.stdout
