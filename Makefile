@@ -18,12 +18,17 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m scratchlm pipeline recipes/tiny.toml --run-dir runs/tiny
 
-test: setup
-	$(PY) -m pytest -q -n 2
+# The Ray tests need the ray extra; they share one Ray instance, so they run in one xdist group.
+$(VENV)/.installed-ray: $(VENV)/.installed
+	$(PY) -m pip install -q $(TORCH) -e '.[dev,ray]'
+	touch $@
 
-# The slow tests include DeepSpeed, an optional extra.
-$(VENV)/.installed-deepspeed: $(VENV)/.installed
-	$(PY) -m pip install -q $(TORCH) -e '.[dev,deepspeed]'
+test: $(VENV)/.installed-ray
+	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+# The slow tests include DeepSpeed and a two-node Ray cluster, optional extras.
+$(VENV)/.installed-deepspeed: $(VENV)/.installed-ray
+	$(PY) -m pip install -q $(TORCH) -e '.[dev,ray,deepspeed]'
 	touch $@
 
 test-slow: $(VENV)/.installed-deepspeed

@@ -32,6 +32,26 @@ def _add_recipe_args(p: argparse.ArgumentParser, run_dir_required: bool = True) 
     )
 
 
+def _add_executor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        help="run the tasks as local processes or on a Ray cluster (default: curate.executor)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="the Ray cluster: auto, or HOST:PORT (default: curate.ray_address; empty starts one)",
+    )
+
+
+def _apply_executor_args(curate, args: argparse.Namespace) -> None:
+    if args.executor is not None:
+        curate.executor = args.executor
+    if args.ray_address is not None:
+        curate.ray_address = args.ray_address
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scratchlm",
@@ -53,11 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out model.bin",
     )
     p.add_argument("inputs", nargs="*", help="files, folders or globs (or a recipe with --run-dir)")
-    p.add_argument("--out", type=Path, help="output folder for plain inputs")
+    p.add_argument("--out", help="output folder (or fsspec URL, e.g. s3://bucket/out)")
     p.add_argument("--run-dir", type=Path, help="run the stage of this run folder")
     p.add_argument("--recipe", help="recipe whose [curate] section to use")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--only", help="run only these steps (comma-separated)")
+    _add_executor_args(p)
 
     for name, help_text in [
         ("tokenizer", "train the byte-level BPE tokenizer on the curated documents"),
@@ -68,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         p = sub.add_parser(name, help=help_text)
         _add_recipe_args(p)
+        if name == "tokenize":
+            _add_executor_args(p)
         if name == "pretrain":
             p.add_argument(
                 "--resume",
@@ -133,6 +156,7 @@ def _curate(argv: list[str]) -> int:
     if args.run_dir is not None:
         args.recipe = args.recipe or (args.inputs[0] if args.inputs else None)
         recipe = _recipe(args, must_exist=False)
+        _apply_executor_args(recipe.curate, args)
         stats = run_curate(recipe.data.inputs, args.run_dir / "curated", recipe.curate, only=only)
         print(curate_summary(stats))
         return 0
@@ -141,7 +165,9 @@ def _curate(argv: list[str]) -> int:
     from scratchlm.config import load_recipe
 
     recipe = load_recipe(Path(args.recipe) if args.recipe else None, args.set)
-    print(curate_summary(run_curate(args.inputs, args.out, recipe.curate, only=only)))
+    _apply_executor_args(recipe.curate, args)
+    out = str(args.out) if "://" in args.out else Path(args.out)
+    print(curate_summary(run_curate(args.inputs, out, recipe.curate, only=only)))
     return 0
 
 
@@ -232,6 +258,8 @@ def dispatch(argv: list[str]) -> int:
             print(f"\nreport: {results['report']['report']}")
         return 0
     recipe = _recipe(args)
+    if args.command == "tokenize":
+        _apply_executor_args(recipe.curate, args)
     if args.command == "pretrain":
         pipeline.run_pretrain(recipe, args.run_dir, resume=args.resume)
     elif args.command in pipeline.ALIGN_STAGES:

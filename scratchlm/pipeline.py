@@ -178,6 +178,8 @@ def run_tokenize(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         run_dir / "tokens",
         val_fraction=recipe.tokens.val_fraction,
         workers=recipe.tokens.workers,
+        executor=recipe.curate.executor,
+        ray_address=recipe.curate.ray_address,
     )
     print(
         f"tokenize: {meta['train_tokens']:,} train tokens ({meta['train_documents']:,} documents), "

@@ -61,12 +61,15 @@ def write_token_shards(
     seed: int = 0,
     workers: int = 0,
     shard_tokens: int = 2**24,
+    executor: str = "local",
+    ray_address: str = "",
 ) -> dict:
     """Tokenize `doc_files` into train/val shards in `out_dir`; returns meta.json plus the timing.
 
-    The output is the same whatever the number of worker processes (0: one per core). Each shard
-    is written under a .tmp name and renamed when complete, and meta.json, written last, lists
-    the shards, so a crash leaves no folder that looks complete.
+    The output is the same whatever the number of worker processes (0: one per core), and the
+    same on the Ray executor (shards_tasks.py). Each shard is written under a .tmp name and
+    renamed when complete, and meta.json, written last, lists the shards, so a crash leaves no
+    folder that looks complete.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -78,6 +81,19 @@ def write_token_shards(
         if not f.is_file():
             raise UserError(f"documents file {f} does not exist")
     out_dir = Path(out_dir)
+    if executor != "local":
+        from scratchlm.curate.executor import make_executor
+        from scratchlm.shards_tasks import write_token_shards_by_tasks
+
+        return write_token_shards_by_tasks(
+            make_executor(executor, workers, ray_address),
+            doc_files,
+            Path(tokenizer_path),
+            out_dir,
+            val_fraction,
+            seed,
+            shard_tokens,
+        )
     _clear_tokens_dir(out_dir)
     start = time.perf_counter()
 
