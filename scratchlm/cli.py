@@ -123,10 +123,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
 
+    p = sub.add_parser("chat", help="talk to a model in the terminal")
+    p.add_argument("path", type=Path, help="run folder or checkpoint")
+    p.add_argument("--system", default="", help="the system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and a chat page")
+    p.add_argument("path", type=Path, help="run folder or checkpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="clients must send 'Authorization: Bearer KEY'")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoding at once")
+    p.add_argument("--cache-tokens", type=int, default=None, help="KV cache size in tokens")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--model-name", default=None, help="the model id (default: the folder name)")
+    p.add_argument("--drain-seconds", type=float, default=30.0, help="SIGTERM grace period")
+    p.add_argument("--device", default="cpu")
+
     p = sub.add_parser("export", help="write the model in another format")
     p.add_argument("path", type=Path, help="run folder or checkpoint")
-    p.add_argument("--format", choices=["hf"], required=True)
+    p.add_argument("--format", choices=["hf", "gguf"], required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--dtype", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF tensor type"
+    )
+
+    p = sub.add_parser("import-hf", help="a Hugging Face Llama checkpoint as a scratchlm run")
+    p.add_argument("hf_dir", type=Path, help="folder with config.json, safetensors, tokenizer.json")
+    p.add_argument("--run-dir", type=Path, required=True, help="the run folder to write")
     return parser
 
 
@@ -211,11 +240,61 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from scratchlm.export.hf import export_run
+    if args.format == "gguf":
+        from scratchlm.export.gguf import export_gguf_run
 
-    out = export_run(args.path, args.out)
+        out = export_gguf_run(args.path, args.out, args.dtype)
+    else:
+        from scratchlm.export.hf import export_run
+
+        out = export_run(args.path, args.out)
     print(f"export: wrote {out}")
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from scratchlm.infer.chat import chat_in_terminal
+
+    chat_in_terminal(
+        args.path,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        device=args.device,
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from scratchlm.serve.server import serve
+
+    serve(
+        args.path,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        cache_tokens=args.cache_tokens,
+        max_queue=args.max_queue,
+        model_name=args.model_name,
+        device=args.device,
+        drain_seconds=args.drain_seconds,
+    )
+    return 0
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from scratchlm.export.hf_import import import_hf
+
+    checkpoint = import_hf(args.hf_dir, args.run_dir)
+    print(f"import-hf: wrote {checkpoint} and {args.run_dir / 'tokenizer.json'}")
+    return 0
+
+
+COMMANDS = {"export": _export, "chat": _chat, "serve": _serve, "import-hf": _import_hf}
 
 
 def _print_answers(results: dict) -> None:
@@ -241,8 +320,8 @@ def dispatch(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return _generate(args)
-    if args.command == "export":
-        return _export(args)
+    if args.command in COMMANDS:
+        return COMMANDS[args.command](args)
     from scratchlm import pipeline
 
     if args.command == "pipeline":

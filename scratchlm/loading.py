@@ -12,8 +12,9 @@ from scratchlm.model import ModelConfig, Transformer
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.checkpoint import Checkpoint, load_checkpoint, load_weights
 
-# Later stages refine earlier ones; a run's model is the newest stage that has a checkpoint.
-CHECKPOINT_STAGES = ["ppo", "grpo", "dpo", "sft", "pretrain"]
+# Later stages refine earlier ones; a run's model is the newest stage that has a checkpoint
+# ("imported": a Hugging Face model brought in by `scratchlm import-hf`).
+CHECKPOINT_STAGES = ["ppo", "grpo", "dpo", "sft", "pretrain", "imported"]
 NOT_GENERATORS = {"reward"}
 """Stages whose model scores text instead of writing it."""
 
