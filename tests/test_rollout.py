@@ -1,4 +1,4 @@
-"""The batched sampler and the rows PPO and GRPO train on."""
+"""The rollout sampler (on the batching engine) and the rows PPO and GRPO train on."""
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ def model():
     return Transformer(ModelConfig(**CFG)).eval()
 
 
-def test_left_padded_batch_decodes_each_prompt_as_alone(model):
+def test_a_batch_decodes_each_prompt_as_alone(model):
     samples = sample_batch(model, PROMPTS, max_new_tokens=8, temperature=0)
     for prompt, sample in zip(PROMPTS, samples, strict=True):
         alone = list(generate(model, prompt, 8, temperature=0))
@@ -45,6 +45,9 @@ def test_sampling_is_seeded_and_the_context_bounds_it(model):
     a = sample_batch(model, PROMPTS, 6, temperature=1.0, top_k=10, top_p=0.9, seed=3)
     b = sample_batch(model, PROMPTS, 6, temperature=1.0, top_k=10, top_p=0.9, seed=3)
     assert [s.tokens for s in a] == [s.tokens for s in b]
+    # Prompt i is sampled with seed + i, whatever else is in the batch.
+    alone = sample_batch(model, PROMPTS[1:2], 6, temperature=1.0, top_k=10, top_p=0.9, seed=4)
+    assert alone[0].tokens == a[1].tokens
     long = sample_batch(model, [list(range(1, 21))], max_new_tokens=50, temperature=0)
     assert len(long[0].tokens) == 24 - 20 and long[0].finish == "length"
 

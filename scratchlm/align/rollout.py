@@ -1,10 +1,9 @@
 """Rollouts: responses sampled for a batch of prompts, and the rows PPO and GRPO train on.
 
-`sample_batch` is the one function that generates. It decodes every prompt of the batch at once
-on the model's contiguous KV cache: prompts are left-padded to one length, each row has its own
-positions, and padding is masked out of attention. Log-probabilities are not taken from the
-sampler: the trained policy scores prompt + response in a separate forward (`score_rows`),
-as the loss sees them.
+`sample_batch` is the one function that generates; it runs the batching engine
+(scratchlm.infer.engine: continuous batching over a paged KV cache), every prompt with its own
+seed. Log-probabilities are not taken from the sampler: the trained policy scores prompt +
+response in a separate forward (`score_rows`), as the loss sees them.
 """
 
 from __future__ import annotations
@@ -16,8 +15,9 @@ import torch
 
 from scratchlm.align.batches import pad_rows, response_mask
 from scratchlm.align.losses import token_logprobs
-from scratchlm.infer.generate import top_k_filter, top_p_filter
-from scratchlm.model import AttentionContext, KVCache, Transformer
+from scratchlm.infer.engine import Engine
+from scratchlm.infer.sampling import SamplingParams
+from scratchlm.model import Transformer
 
 
 class NonFiniteLogits(RuntimeError):
@@ -32,44 +32,6 @@ class Sample:
     """"stop" (a stop token came) or "length" (max_new_tokens or the context ran out)."""
 
 
-class _LeftPaddedStep(AttentionContext):
-    """Writes this step's keys and values into the cache and attends over the cache so far.
-    Row b's first pad[b] slots are padding: its positions count from the first real token and
-    its queries never see the padding (a padding query sees only itself, so no row is empty)."""
-
-    def __init__(self, cache: KVCache, pad: torch.Tensor, start: int, length: int) -> None:
-        index = torch.arange(start, start + length, device=pad.device)
-        super().__init__((index[None, :] - pad[:, None]).clamp(min=0))
-        keys = torch.arange(start + length, device=pad.device)
-        causal = keys[None, :] <= index[:, None]
-        visible = (keys[None, None, :] >= pad[:, None, None]) | (keys[None, :] == index[:, None])
-        self.mask = (causal & visible)[:, None]  # [B, 1, T, S]
-        self.cache, self.start = cache, start
-
-    def attend(self, layer, q, k, v):  # type: ignore[override]
-        end = self.start + k.shape[2]
-        keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys[:, :, self.start : end] = k
-        values[:, :, self.start : end] = v
-        return torch.nn.functional.scaled_dot_product_attention(
-            q,
-            keys[:, :, :end],
-            values[:, :, :end],
-            attn_mask=self.mask,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
-
-
-def _choose(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator
-) -> torch.Tensor:
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
-
-
-@torch.inference_mode()
 def sample_batch(
     model: Transformer,
     prompts: list[list[int]],
@@ -80,51 +42,34 @@ def sample_batch(
     seed: int = 0,
     stop_ids: Iterable[int] = (),
 ) -> list[Sample]:
-    """Sample a response to each prompt (token ids), all rows decoding together.
+    """Sample a response to each prompt (token ids), all of them in one engine.
 
-    temperature 0 is greedy. A row stops at a token of stop_ids (kept as its last token), after
-    max_new_tokens, or when the model's context is full. The same seed gives the same samples.
+    temperature 0 is greedy. A response stops at a token of stop_ids (kept as its last token),
+    after max_new_tokens, or when prompt + response fill the model's context. Prompt i is sampled
+    with seed + i, so the same seed gives the same samples however the prompts are batched.
     Raises NonFiniteLogits when the model's logits are NaN or infinite.
     """
-    device = next(model.parameters()).device
-    B, longest = len(prompts), max(len(p) for p in prompts)
-    # Prompt + response stay within the context, so that every model can score them.
-    budget = min(max_new_tokens, model.config.max_seq_len - longest)
-    if budget <= 0:
-        raise ValueError(f"a prompt of {longest} tokens leaves no room in the model's context")
-    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
-    tokens = torch.zeros(B, longest, dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        tokens[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    cache = model.new_cache(B, longest + budget)
-    new = torch.zeros(B, 0, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    stopped = torch.zeros(B, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B, dtype=torch.long, device=device)
-    position = 0
-    while True:
-        logits = model(tokens, context=_LeftPaddedStep(cache, pad, position, tokens.shape[1]))
-        last = logits[:, -1].float()
-        if not torch.isfinite(last[~done]).all():
-            raise NonFiniteLogits("the policy's logits are NaN or infinite")
-        position += tokens.shape[1]
-        choice = _choose(last, temperature, top_k, top_p, generator)
-        choice = torch.where(done, torch.zeros_like(choice), choice)
-        new = torch.cat([new, choice[:, None]], dim=1)
-        lengths += (~done).long()
-        hit = torch.isin(choice, stop) & ~done
-        stopped |= hit
-        done |= hit
-        if bool(done.all()) or new.shape[1] >= budget:
-            break
-        tokens = choice[:, None]
-    rows = new.tolist()
-    return [
-        Sample(rows[b][: int(lengths[b])], "stop" if bool(stopped[b]) else "length")
-        for b in range(B)
+    engine = Engine(model, max_batch=len(prompts), max_step_tokens=max(512, 4 * len(prompts)))
+    stop = list(stop_ids)
+    params = [
+        SamplingParams(
+            max_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed + i,
+            stop_token_ids=stop,
+            include_stop_token=True,
+        )
+        for i in range(len(prompts))
     ]
+    try:
+        requests = engine.generate_batch(prompts, params)
+    except RuntimeError as e:  # torch.multinomial refuses probabilities that are NaN or inf
+        if "inf" in str(e) or "nan" in str(e):
+            raise NonFiniteLogits(f"the policy's logits are NaN or infinite ({e})") from None
+        raise
+    return [Sample(list(r.token_ids), r.finish_reason) for r in requests]
 
 
 @dataclass
