@@ -103,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
             )
 
     _add_eval_parser(sub)
+    for name, help_text in [
+        ("sft", "supervised fine-tuning on chat data, from the pretrained model"),
+        ("reward", "train the reward model on preference pairs, from the SFT model"),
+        ("dpo", "direct preference optimisation, from the SFT model"),
+        ("ppo", "PPO against the reward model, from the SFT model"),
+        ("grpo", "GRPO against a reward function, from the SFT model"),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        _add_recipe_args(p)
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help=f"continue from the newest checkpoint in RUN_DIR/{name}",
+        )
 
     p = sub.add_parser("generate", help="sample text from a trained model")
     p.add_argument("path", type=Path, help="run folder or checkpoint")
@@ -219,6 +233,7 @@ def _curate(argv: list[str]) -> int:
         return _train_quality(argv[1:])
     args = build_parser().parse_args(["curate", *argv])
     from scratchlm.curate.pipeline import run_curate
+    from scratchlm.pipeline import curate_summary
 
     only = args.only.split(",") if args.only else None
     if args.run_dir is not None:
@@ -226,7 +241,8 @@ def _curate(argv: list[str]) -> int:
         _take_run_folder(args.run_dir, ["curate", *argv])
         recipe = _recipe(args, must_exist=False)
         _apply_executor_args(recipe.curate, args)
-        run_curate(recipe.data.inputs, args.run_dir / "curated", recipe.curate, only=only)
+        stats = run_curate(recipe.data.inputs, args.run_dir / "curated", recipe.curate, only=only)
+        print(curate_summary(stats))
         return 0
     if not args.inputs or args.out is None:
         raise UserError("curate needs INPUT... --out DIR (or --run-dir DIR)")
@@ -237,7 +253,7 @@ def _curate(argv: list[str]) -> int:
     out = str(args.out) if "://" in args.out else Path(args.out)
     if isinstance(out, Path):  # object storage has no folder to lock
         _take_run_folder(out, ["curate", *argv], what="output folder")
-    run_curate(args.inputs, out, recipe.curate, only=only)
+    print(curate_summary(run_curate(args.inputs, out, recipe.curate, only=only)))
     return 0
 
 
@@ -351,9 +367,26 @@ COMMANDS = {
 }
 
 
+def _print_answers(results: dict) -> None:
+    """Each aligned stage's answers to the recipe's align.prompts, prompt by prompt."""
+    stages = [s for s, r in results.items() if isinstance(r, dict) and r.get("answers")]
+    if not stages:
+        return
+    for i, row in enumerate(results[stages[0]]["answers"]):
+        print(f"\n>>> {row['prompt']}")
+        for stage in stages:
+            answers = results[stage]["answers"]
+            if i < len(answers):
+                print(f"[{stage}] {answers[i]['answer']}")
+
+
 def dispatch(argv: list[str]) -> int:
     if argv[:1] == ["curate"]:
         return _curate(argv[1:])
+    if argv[:1] == ["eval"] and any(a.split("=")[0] == "--tasks" for a in argv):
+        from scratchlm.align.evaluate import eval_command
+
+        return eval_command(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return _generate(args)
@@ -373,6 +406,7 @@ def dispatch(argv: list[str]) -> int:
             print(f"\nvalidation bits per byte: {ev['val_bpb']:.4f}")
             for s in ev["samples"]:
                 print(f"\n--- {s['prompt']}{s['completion']}")
+        _print_answers(results)
         if "report" in results:
             print(f"\nreport: {results['report']['report']}")
         return 0
@@ -381,6 +415,8 @@ def dispatch(argv: list[str]) -> int:
         _apply_executor_args(recipe.curate, args)
     if args.command == "pretrain":
         pipeline.run_pretrain(recipe, args.run_dir, resume=args.resume)
+    elif args.command in pipeline.ALIGN_STAGES:
+        pipeline.run_align_stage(args.command, recipe, args.run_dir, resume=args.resume)
     else:
         pipeline.RUNNERS[args.command](recipe, args.run_dir)
     return 0

@@ -111,6 +111,9 @@ def write_report(recipe: Recipe, run_dir: Path) -> Path:
         parts.append(f'<h2>Loss</h2><img alt="loss curves" src="data:image/png;base64,{png}">')
     parts.append(_eval_section(run_dir, rows))
     parts.append(_curation_section(run_dir))
+    from scratchlm.align.report import alignment_section
+
+    parts.append(alignment_section(run_dir, recipe.align.stages, rows))
     parts.append(f"<h2>Recipe</h2><pre>{html.escape(to_toml(recipe.to_dict()))}</pre>")
     parts.append("</body></html>")
     out = run_dir / "report.html"
