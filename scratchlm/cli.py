@@ -383,10 +383,6 @@ def _print_answers(results: dict) -> None:
 def dispatch(argv: list[str]) -> int:
     if argv[:1] == ["curate"]:
         return _curate(argv[1:])
-    if argv[:1] == ["eval"] and any(a.split("=")[0] == "--tasks" for a in argv):
-        from scratchlm.align.evaluate import eval_command
-
-        return eval_command(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return _generate(args)

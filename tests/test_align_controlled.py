@@ -6,7 +6,8 @@ import random
 from align_helpers import random_words, recipe, tiny_run, write_jsonl
 
 from scratchlm.align import dpo, reward, sft
-from scratchlm.align.evaluate import PreferenceOptions, PreferenceTask, preference_checkpoint
+from scratchlm.align.evaluate import PreferenceTask
+from scratchlm.evaluate.tasks import EvalOptions
 from scratchlm.loading import load
 
 
@@ -40,10 +41,10 @@ def test_reward_model_learns_a_planted_preference(tmp_path):
     # The evaluation task agrees on the held-out pairs it is given.
     model, tokenizer = load(run / "reward")
     held_out = write_jsonl(tmp_path / "held_out.jsonl", pairs[:200])
-    options = PreferenceOptions(str(held_out), checkpoint=preference_checkpoint(run))
+    options = EvalOptions(data=str(held_out), checkpoint=str(run / "reward"))
     figures = PreferenceTask().run(model, tokenizer, options)
     assert figures["scorer"] == "reward model" and figures["n"] == 200
-    assert figures["accuracy"] >= 0.95 and figures["ci95"][0] > 0.9
+    assert figures["acc"] >= 0.95 and figures["ci95"][0] > 0.9
 
 
 def success_rate(run, stage, samples=120):

@@ -77,14 +77,15 @@ def test_pipeline_runs_align_stages_then_skips_them(cli, tmp_path):
     # A reward model on preference pairs (a run folder means its reward model) ...
     scored = cli("eval", str(run), "--tasks", "preference", "--data", str(pair_file), "--json")
     assert scored.returncode == 0, scored.stderr
-    figures = json.loads(scored.stdout.strip().splitlines()[-1])
+    figures = json.loads(scored.stdout.strip().splitlines()[-1])["tasks"]["preference"]
     assert figures["scorer"] == "reward model" and figures["n"] == len(pairs)
-    assert 0 <= figures["ci95"][0] <= figures["accuracy"] <= figures["ci95"][1] <= 1
+    assert 0 <= figures["ci95"][0] <= figures["acc"] <= figures["ci95"][1] <= 1
     # ... and a policy by its implicit reward against the SFT model it started from.
     implicit = cli("eval", str(run / "dpo"), "--tasks", "preference", "--data", str(pair_file),
                    "--json")  # fmt: skip
     assert implicit.returncode == 0, implicit.stderr
-    assert "implicit reward against" in json.loads(implicit.stdout.splitlines()[-1])["scorer"]
+    implicit_figures = json.loads(implicit.stdout.splitlines()[-1])["tasks"]["preference"]
+    assert "implicit reward against" in implicit_figures["scorer"]
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"text": "not a pair"}])
     refused = cli("eval", str(run), "--tasks", "preference", "--data", str(empty))
     assert refused.returncode == 2 and refused.stderr.startswith("error: no usable preference")

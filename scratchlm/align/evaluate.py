@@ -7,17 +7,14 @@ the chosen response scores higher (a tie counts half); the 95% interval is Wilso
 
     scratchlm eval RUN_OR_CHECKPOINT --tasks preference --data FILE.jsonl [--json]
 
-`PreferenceTask` is the task as the evaluation registry runs it: `run(model, tokenizer, options)`
-with options.data, options.batch_size, options.runtime and options.checkpoint (where the model
-came from, to find a policy's reference).
+`PreferenceTask` is a task of the evaluation registry (scratchlm.evaluate.tasks): it reads
+options.data, options.batch_size, options.runtime and options.checkpoint (where the model came
+from, to find a policy's reference).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,9 +24,10 @@ from scratchlm.align.data import read_preferences
 from scratchlm.align.dpo import all_logprobs
 from scratchlm.align.reward import score
 from scratchlm.align.stage import language_model, origin_of
-from scratchlm.device import Runtime, pick_runtime
+from scratchlm.device import Runtime
 from scratchlm.errors import UserError
-from scratchlm.loading import from_checkpoint, is_run_dir, latest_checkpoint_dir
+from scratchlm.evaluate.tasks import EvalOptions, Task
+from scratchlm.loading import latest_checkpoint_dir
 from scratchlm.model import Transformer
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.checkpoint import Checkpoint, list_checkpoints, load_checkpoint
@@ -100,80 +98,45 @@ def reference_of(checkpoint: Checkpoint | None) -> Transformer:
     return language_model(load_checkpoint(origin), "eval")
 
 
-@dataclass
-class PreferenceOptions:
-    data: str
-    batch_size: int = 16
-    checkpoint: Checkpoint | None = None
-    runtime: Runtime | None = None
-
-
-class PreferenceTask:
-    """The `preference` evaluation task."""
+class PreferenceTask(Task):
+    """The `preference` evaluation task: a reward model's (or a policy's implicit reward's)
+    accuracy on the preference pairs of options.data."""
 
     name = "preference"
 
-    def run(self, model: Transformer, tokenizer: Tokenizer, options: PreferenceOptions) -> dict:
+    def run(self, model: Transformer, tokenizer: Tokenizer, options: EvalOptions) -> dict:
         if not options.data:
             raise UserError("--tasks preference needs --data FILE (preference pairs)")
-        runtime = options.runtime or pick_runtime("cpu", "fp32")
         pairs, set_aside = read_pairs(options.data, tokenizer, model.config.max_seq_len)
-        rows = options.batch_size
+        if options.limit:
+            pairs = pairs[: options.limit]
+        rows, runtime = options.batch_size, options.runtime
+        checkpoint = load_checkpoint(Path(options.checkpoint)) if options.checkpoint else None
         if model.config.head == "scalar":
             chosen, rejected = reward_scores(model, pairs, tokenizer.pad_id, rows, runtime)
             scorer = "reward model"
         else:
-            reference = reference_of(options.checkpoint).to(runtime.device)
+            reference = reference_of(checkpoint).to(runtime.device)
             pc, pr = all_logprobs(model, pairs, tokenizer.pad_id, rows, runtime, False)
             rc, rr = all_logprobs(reference, pairs, tokenizer.pad_id, rows, runtime, False)
             chosen, rejected = pc - rc, pr - rr
-            scorer = f"implicit reward against {origin_of(options.checkpoint)}"
+            scorer = f"implicit reward against {origin_of(checkpoint)}"
+        figures = accuracy_figures(chosen, rejected)
+        n, acc = figures["n"], figures.pop("accuracy")
         return {
-            "task": self.name,
-            "data": str(options.data),
+            "acc": acc,
+            "acc_stderr": math.sqrt(acc * (1 - acc) / max(n - 1, 1)),
+            "chance": 0.5,
+            **figures,
             "scorer": scorer,
-            **accuracy_figures(chosen, rejected),
+            "data": str(options.data),
             "set_aside": set_aside,
         }
 
 
-def preference_checkpoint(path: Path) -> Checkpoint:
-    """A checkpoint, a stage folder, or a run folder: its reward model if it has one, else its
-    newest policy."""
-    if not path.exists():
-        raise UserError(f"not found: {path}")
-    if is_run_dir(path):
-        path = path / "reward" if list_checkpoints(path / "reward") else latest_checkpoint_dir(path)
-    return load_checkpoint(path)
-
-
-def eval_command(argv: list[str]) -> int:
-    """`scratchlm eval PATH --tasks preference --data FILE [--json]`."""
-    parser = argparse.ArgumentParser(
-        prog="scratchlm eval",
-        description="score a reward model, or a policy by its implicit reward, on preference pairs",
-    )
-    parser.add_argument("path", type=Path, help="run folder, stage folder or checkpoint")
-    parser.add_argument("--tasks", required=True, help="preference")
-    parser.add_argument("--data", required=True, help="preference pairs, in any layout read")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", action="store_true", help="end with one JSON object")
-    args = parser.parse_args(argv)
-    tasks = args.tasks.split(",")
-    if tasks != ["preference"]:
-        raise UserError(f"--tasks {args.tasks!r}: this command runs the preference task")
-    checkpoint = preference_checkpoint(args.path)
-    runtime = pick_runtime(args.device, "auto")
-    model, tokenizer = from_checkpoint(checkpoint, runtime.device)
-    options = PreferenceOptions(args.data, args.batch_size, checkpoint, runtime)
-    result = {"checkpoint": str(checkpoint.path), **PreferenceTask().run(model, tokenizer, options)}
-    low, high = result["ci95"]
-    print(
-        f"preference: accuracy {result['accuracy']:.3f} (95% interval {low:.3f}-{high:.3f}) on "
-        f"{result['n']:,} pairs of {args.data}, {result['set_aside']} set aside; "
-        f"{result['scorer']} of {checkpoint.path}"
-    )
-    if args.json:
-        print(json.dumps(result))
-    return 0
+def preference_target(run_dir: Path) -> Path:
+    """What `scratchlm eval RUN --tasks preference` scores: the run's reward model if it has
+    one, else its newest policy."""
+    if list_checkpoints(run_dir / "reward"):
+        return run_dir / "reward"
+    return latest_checkpoint_dir(run_dir)

@@ -11,7 +11,7 @@ from typing import Any
 from scratchlm.config import Recipe, load_recipe, save_recipe
 from scratchlm.errors import UserError
 from scratchlm.evaluate.run import evaluate_checkpoint, options_from, resolve_target
-from scratchlm.loading import latest_checkpoint_dir
+from scratchlm.loading import is_run_dir, latest_checkpoint_dir
 
 DEFAULT_RECIPE = "recipes/tiny.toml"
 
@@ -36,6 +36,11 @@ def eval_command(args: argparse.Namespace) -> int:
     tasks = [t for t in (args.tasks or "").split(",") if t] if explicit else recipe.eval.tasks
     if explicit and not tasks:
         raise UserError("--tasks is empty")
+    if tasks == ["preference"] and args.run_dir is None and run_dir is not None:
+        if is_run_dir(Path(args.target)):
+            from scratchlm.align.evaluate import preference_target
+
+            target = preference_target(run_dir)
     if args.device:
         recipe.pretrain.device = args.device
     options = options_from(

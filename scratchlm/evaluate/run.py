@@ -186,11 +186,12 @@ def evaluate_checkpoint(
             scores, _ = run_harness(ScratchLM(model, tokenizer, options), task_names, options)
             result.setdefault("harness", {}).update(scores)
         else:
+            settings = replace(options, checkpoint=str(ckpt))
             scores = run_tasks(
                 model,
                 tokenizer,
                 task_names,
-                **{k: getattr(options, k) for k in EvalOptions.__dataclass_fields__},
+                **{k: getattr(settings, k) for k in EvalOptions.__dataclass_fields__},
             )
             result.setdefault("tasks", {}).update(scores)
         print(format_table(scores, f"{stage} step {step}" + (" (lm-eval)" if harness else "")))

@@ -59,6 +59,9 @@ class EvalOptions:
     """Prompts through the chat template, few-shot examples as turns."""
     max_gen_toks: int = 256
     runtime: Runtime = field(default_factory=lambda: pick_runtime("cpu", "fp32"))
+    checkpoint: str | None = None
+    """The checkpoint folder the model came from (a policy's preference score needs the model
+    its stage started from)."""
     examples: bool = False
     """Also return each example's (log-likelihood, greedy) per request, under "examples"."""
 
@@ -77,7 +80,7 @@ class Task:
 
 
 TASKS: dict[str, Task] = {}
-LAZY_TASKS: dict[str, str] = {}
+LAZY_TASKS: dict[str, str] = {"preference": "scratchlm.align.evaluate:PreferenceTask"}
 BUILTIN_MODULES = (
     "scratchlm.evaluate.benchmarks",
     "scratchlm.evaluate.language_model",
