@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -90,6 +91,9 @@ def test_ctrl_c_stops_the_answer_not_the_program(tmp_path):
     child.expect(".", timeout=30)  # the answer has begun
     child.sendintr()
     child.expect(r" \[stopped\]\r\n> ", timeout=30)
+    # Python's readline loses a SIGINT that lands between drawing the prompt and waiting for
+    # a key; let it reach the wait first (a busy machine can stall it there).
+    time.sleep(0.5)
     child.sendintr()  # at the prompt: a reminder, not an exit
     child.expect(r"\(/quit or Ctrl-D leaves\)")
     child.sendline("Again")
