@@ -6,14 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm.errors import UserError
-from scratchlm.model import (
-    ModelConfig,
-    Transformer,
-    _RMSNorm,
-    _SplitQKVRope,
-    _SwiGLU,
-    cross_entropy_loss,
-)
+from scratchlm.kernels import rms_norm, split_qkv_rope, swiglu
+from scratchlm.model import ModelConfig, Transformer, cross_entropy_loss
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -114,7 +108,7 @@ def test_rope_is_the_closed_form_rotation():
     model = Transformer(tiny(dim=16, n_heads=2, n_kv_heads=1, rope_theta=theta))
     qkv = torch.randn(1, T, 4 * hd)  # one group: 2 q heads, k, v
     freqs = torch.complex(model.rope_cos[:T], model.rope_sin[:T])
-    q, k, v = _SplitQKVRope.apply(qkv, freqs, 2, hd)
+    q, k, v = split_qkv_rope(qkv, freqs, 2, hd)
     x = qkv.view(1, T, 4, hd)
     for t in range(T):
         for i in range(hd // 2):
@@ -131,11 +125,11 @@ def test_custom_backwards_match_finite_differences():
     torch.manual_seed(0)
     d = dict(dtype=torch.float64, requires_grad=True)
     x, w = torch.randn(3, 5, 8, **d), torch.randn(8, **d)
-    assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-5), (x, w))
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-5), (x, w))
     # SwiGLU's backward reuses its saved input, which gradcheck's repeated backwards forbid.
     gate_up = torch.randn(2, 3, 12, **d)
     grad_out = torch.randn(2, 3, 6, dtype=torch.float64)
-    (ours,) = torch.autograd.grad(_SwiGLU.apply(gate_up * 1, 2), gate_up, grad_out)
+    (ours,) = torch.autograd.grad(swiglu(gate_up * 1, 2), gate_up, grad_out)
     parts = gate_up.unflatten(-1, (2, 2, 3))
     plain = (F.silu(parts[..., 0, :]) * parts[..., 1, :]).flatten(-2)
     (expected,) = torch.autograd.grad(plain, gate_up, grad_out)
@@ -144,7 +138,7 @@ def test_custom_backwards_match_finite_differences():
         torch.ones(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     )
     qkv = torch.randn(2, 4, 2 * 4 * 4, **d)  # 2 groups of (2 q, k, v) heads of size 4
-    assert torch.autograd.gradcheck(lambda a: _SplitQKVRope.apply(a, freqs, 2, 4), (qkv,))
+    assert torch.autograd.gradcheck(lambda a: split_qkv_rope(a, freqs, 2, 4), (qkv,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
