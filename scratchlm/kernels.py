@@ -6,7 +6,7 @@ everything around it instead of breaking the graph. The backward passes save onl
 and write gradients in place.
 
 Under torch.compile a kernel is used only where it beats the code inductor generates from plain
-torch ops; `COMPILED_USES_CUSTOM` records which, as measured by bench/kernels.py on CPU (fp32).
+torch ops; `COMPILED_USES_CUSTOM` records which, per device type, as measured by bench/kernels.py.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ def _rotate(x: Tensor, freqs: Tensor, out: Tensor) -> None:
     "rotate_half" pairing (i, i + d/2); attention scores do not depend on how the head dim is
     ordered, and the Hugging Face exporter permutes the q/k rows to rotate_half order.
     """
+    if x.stride(-1) != 1 or any(stride % 2 for stride in x.stride()[:-1]):
+        x = x.contiguous()  # a complex view needs adjacent pairs (gradients may come expanded)
     pairs = x.unflatten(-1, (-1, 2))
     if x.dtype in (torch.float32, torch.float64):
         torch.mul(
@@ -128,7 +130,7 @@ def split_qkv_rope(
     """Grouped fused qkv [B, T, G*(R+2)*hd] -> q [B, T, G*R, hd], k [B, T, G, hd] (both rotated)
     and v [B, T, G, hd]. freqs is complex [T, hd/2] (every row at the same positions) or
     [B, T, hd/2] (positions per row). The custom op saves nothing but the rotation table."""
-    if torch.compiler.is_compiling() and not COMPILED_USES_CUSTOM["split_qkv_rope"]:
+    if _compiled_plain("split_qkv_rope", qkv):
         return _split_qkv_rope_plain(qkv, freqs, n_rep, head_dim)
     return _split_qkv_rope(qkv, freqs, n_rep, head_dim)
 
@@ -190,7 +192,7 @@ torch.library.register_autograd("scratchlm::swiglu", _swiglu_grad, setup_context
 def swiglu(gate_up: Tensor, groups: int) -> Tensor:
     """silu(gate) * up from the grouped fused gate/up output [..., groups * (gate, up)]; the
     custom op saves only that output and overwrites it with its gradient in the backward."""
-    if torch.compiler.is_compiling() and not COMPILED_USES_CUSTOM["swiglu"]:
+    if _compiled_plain("swiglu", gate_up):
         x = gate_up.unflatten(-1, (groups, 2, -1))
         return (F.silu(x.select(-2, 0)) * x.select(-2, 1)).flatten(-2)
     return _swiglu(gate_up, groups)
@@ -254,7 +256,7 @@ torch.library.register_autograd(
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x / rms(x) * weight over the last dim, statistics in at least fp32."""
-    if torch.compiler.is_compiling() and not COMPILED_USES_CUSTOM["rms_norm"]:
+    if _compiled_plain("rms_norm", x):
         xf = _upcast(x)
         return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
     return _rms_norm(x, weight, eps)[0]
@@ -306,9 +308,11 @@ def _cross_entropy_setup(ctx, inputs, output) -> None:
 
 
 def _cross_entropy_grad(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    if torch.compiler.is_compiling():  # traced graphs are functional; inductor reuses buffers
+        return grad * grad_loss.to(grad.dtype), None, None, None
     # Scaled in place: a second backward through the same loss is refused by autograd's
     # saved-tensor version check.
-    (grad,) = ctx.saved_tensors
     return grad.mul_(grad_loss.to(grad.dtype)), None, None, None
 
 
@@ -320,16 +324,22 @@ torch.library.register_autograd(
 def cross_entropy_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean cross-entropy over targets that are not ignore_index; logits [..., V], targets [...]."""
     logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    if torch.compiler.is_compiling() and not COMPILED_USES_CUSTOM["cross_entropy"]:
+    if _compiled_plain("cross_entropy", logits):
         return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
     with_grad = logits.requires_grad and torch.is_grad_enabled()
     return _cross_entropy(logits, targets, ignore_index, with_grad)[0]
 
 
-# Under torch.compile: True where the custom op beat inductor's code from plain ops.
-COMPILED_USES_CUSTOM = {
-    "split_qkv_rope": True,
-    "swiglu": True,
-    "rms_norm": True,
-    "cross_entropy": True,
+def _compiled_plain(kernel: str, x: Tensor) -> bool:
+    """Whether torch.compile is tracing and should see plain ops instead of the custom op."""
+    if not torch.compiler.is_compiling():
+        return False
+    return not COMPILED_USES_CUSTOM.get(x.device.type, {}).get(kernel, False)
+
+
+# Under torch.compile, per device type: True where the custom op beat inductor's code from plain
+# ops in bench/kernels.py. On GPUs inductor fuses the plain ops into single Triton kernels, which
+# a sequence of ATen kernels cannot beat, so they stay plain there.
+COMPILED_USES_CUSTOM: dict[str, dict[str, bool]] = {
+    "cpu": {"split_qkv_rope": True, "swiglu": True, "rms_norm": True, "cross_entropy": True},
 }
