@@ -86,10 +86,10 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: build, parallelise and time the model; rank 0 prints a RESULT line."""
     from scratchlm import parallel
     from scratchlm.config import load_recipe
+    from scratchlm.device import pick_runtime
     from scratchlm.model import Transformer, cross_entropy_loss
-    from scratchlm.train.device import pick_runtime
     from scratchlm.train.optim import build_optimizer
-    from scratchlm.train.pretrain import grad_accum_steps, model_config_from
+    from scratchlm.train.pretrain import model_config_from
 
     recipe = load_recipe(ROOT / RECIPES[args.size], args.set)
     cfg = recipe.pretrain
@@ -101,7 +101,7 @@ def worker(args: argparse.Namespace) -> None:
         model = Transformer(model_cfg)
     flops_per_token = model.flops_per_token(model_cfg.max_seq_len)
     n_params = model.num_params()
-    accum = grad_accum_steps(recipe, dist.dp_size)
+    accum = cfg.tokens_per_step // model_cfg.max_seq_len // dist.dp_size // cfg.micro_batch_size
     if args.one_device_fsdp:  # FSDP2 on a one-device mesh: the layout a cluster run uses per rank
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -125,7 +125,7 @@ def worker(args: argparse.Namespace) -> None:
             dist.pipeline.step(x, y)
         else:
             for i, (mx, my) in enumerate(zip(x.chunk(accum), y.chunk(accum), strict=True)):
-                with dist.sync_gradients(i == accum - 1), runtime.autocast():
+                with parallel.gradient_sync(model, i == accum - 1), runtime.autocast():
                     loss = cross_entropy_loss(train_model(mx), my) / accum
                 loss.backward()
         parallel.clip_grad_norm_(model, cfg.grad_clip, dist)

@@ -30,7 +30,7 @@ import quality_per_time as bench  # noqa: E402
 from scratchlm.config import load_recipe  # noqa: E402
 from scratchlm.model import Transformer, cross_entropy_loss  # noqa: E402
 from scratchlm.train.optim import build_optimizer  # noqa: E402
-from scratchlm.train.pretrain import grad_accum_steps, model_config_from  # noqa: E402
+from scratchlm.train.pretrain import model_config_from  # noqa: E402
 
 
 def candidates(side: str, vary: list[str], extra: list[str]) -> dict[str, list[str]]:
@@ -54,8 +54,8 @@ def probe(overrides: dict[str, list[str]], rounds: int) -> dict[str, float]:
         torch.manual_seed(0)
         model = Transformer(model_cfg)
         optimizer = build_optimizer(model, cfg)
-        accum = grad_accum_steps(recipe, 1)
         rows = cfg.tokens_per_step // model_cfg.max_seq_len
+        accum = max(1, rows // cfg.micro_batch_size)
         tokens = torch.randint(0, model_cfg.vocab_size, (rows, model_cfg.max_seq_len + 1))
 
         def step(model=model, optimizer=optimizer, tokens=tokens, accum=accum, cfg=cfg) -> float:

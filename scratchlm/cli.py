@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        from scratchlm.train.pretrain import TrainingInterrupted
+        from scratchlm.train.loop import TrainingInterrupted
 
         if isinstance(e, TrainingInterrupted):
-            print(f"pretrain: {e}; continue with --resume", file=sys.stderr)
+            print(f"{e.stage}: {e}; continue with --resume", file=sys.stderr)
             return 128 + e.signum
         raise

@@ -58,7 +58,10 @@ class ModelSection:
 
 
 @dataclass
-class PretrainConfig:
+class TrainConfig:
+    """The keys every training stage has (pretrain, sft, reward, dpo, ppo, grpo); a stage's
+    section adds its own and may change the defaults."""
+
     max_steps: int = 1000
     max_seconds: float = 0.0
     """Stop by wall clock after this many seconds of the stage (0: no limit)."""
@@ -81,13 +84,10 @@ class PretrainConfig:
     last decay_fraction of the run, then a linear decay to min_lr."""
     decay_fraction: float = 0.2
     """wsd: the share of the run (steps or max_seconds) spent decaying."""
-    tokens_per_step: int = 8192
-    """The global batch in tokens; gradient accumulation is derived from it."""
     micro_batch_size: int = 32
+    """Rows per forward pass; lowered (with a note) when a rank's share of the batch is smaller."""
     seed: int = 1337
     eval_every: int = 250
-    eval_tokens: int = 65536
-    """Validation tokens per evaluation."""
     save_every: int = 500
     keep_checkpoints: int = 2
     compile: bool = False
@@ -99,9 +99,19 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.decay_fraction <= 1.0:
             raise UserError(
-                f"recipe key pretrain.decay_fraction = {self.decay_fraction}: expected a number "
-                "in (0, 1]"
+                f"recipe key decay_fraction = {self.decay_fraction}: expected a number in (0, 1]"
             )
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    tokens_per_step: int = 8192
+    """The global batch in tokens; gradient accumulation is derived from it."""
+    eval_tokens: int = 65536
+    """Validation tokens per evaluation."""
+    init_from: str = ""
+    """A checkpoint (or run folder) whose model and weights training starts from, instead of a
+    freshly initialised [model] (for example one made by `scratchlm import-hf`)."""
 
 
 @dataclass

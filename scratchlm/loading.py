@@ -50,11 +50,23 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transfor
     return from_checkpoint(load_checkpoint(target), device)
 
 
+def load_model(path: Path) -> tuple[Transformer, Path]:
+    """The model (in eval mode, on the CPU) of a run folder, a stage folder or a checkpoint, and
+    the checkpoint it came from; no tokenizer needed."""
+    if not path.exists():
+        raise UserError(f"not found: {path}")
+    ckpt = load_checkpoint(latest_checkpoint_dir(path) if is_run_dir(path) else path)
+    return _model_of(ckpt, "cpu"), ckpt.path
+
+
+def _model_of(ckpt: Checkpoint, device: str | torch.device) -> Transformer:
+    model = Transformer(ModelConfig.from_dict(ckpt.model_config))
+    load_weights(model, ckpt.tensors)
+    return model.to(device).eval()
+
+
 def from_checkpoint(
     ckpt: Checkpoint, device: str | torch.device = "cpu"
 ) -> tuple[Transformer, Tokenizer]:
     """The model (in eval mode) and tokenizer of a checkpoint already read and verified."""
-    model = Transformer(ModelConfig.from_dict(ckpt.model_config))
-    load_weights(model, ckpt.tensors)
-    model.to(device).eval()
-    return model, Tokenizer.load(find_tokenizer(ckpt.path))
+    return _model_of(ckpt, device), Tokenizer.load(find_tokenizer(ckpt.path))

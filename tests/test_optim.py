@@ -21,11 +21,14 @@ from scratchlm.train.distributed_checkpoint import is_sharded
 from scratchlm.train.optim import (
     MuonAdamW,
     build_optimizer,
-    lr_at,
     lr_factor,
     orthogonalize,
 )
 from scratchlm.train.pretrain import pretrain
+
+
+def lr_at(step, cfg, elapsed=0.0):
+    return cfg.lr * lr_factor(step, cfg, elapsed)
 
 
 def test_warmup_then_cosine_to_min_lr():
@@ -74,6 +77,12 @@ def test_wall_clock_budget_ends_the_decay():
     assert math.isclose(lr_at(10, cfg, elapsed=50.0), 0.55)
     assert math.isclose(lr_at(10, cfg, elapsed=100.0), 0.1)
     assert lr_at(10, cfg, elapsed=0.0) > 0.99
+
+
+def test_factor_scales_each_group_from_its_own_peak():
+    cfg = PretrainConfig(lr=2.0, min_lr=0.5, warmup_steps=0, max_steps=10)
+    assert lr_factor(0, cfg) == 1.0
+    assert math.isclose(lr_factor(10, cfg), 0.25)
 
 
 def test_no_weight_decay_on_norms_and_embeddings():

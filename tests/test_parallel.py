@@ -5,6 +5,7 @@ checkpoints resume at another world size; SIGTERM on every rank saves and exits.
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,10 +21,10 @@ from test_pretrain import TINY, _fresh_copy, _losses, make_corpus_run
 from scratchlm import load
 from scratchlm.config import load_recipe
 from scratchlm.export.hf import export_run
+from scratchlm.parallel.pipeline import stage_layers
 from scratchlm.train.checkpoint import list_checkpoints, resolve_checkpoint
 from scratchlm.train.distributed_checkpoint import is_sharded
 from scratchlm.train.metrics import read_metrics
-from scratchlm.train.pipeline_parallel import stage_layers
 from scratchlm.train.pretrain import pretrain
 
 FIVE_STEPS = [*TINY, "pretrain.max_steps=5"]
@@ -141,7 +142,8 @@ def test_deepspeed_without_a_launcher_is_one_line(corpus, tmp_path):
 @pytest.mark.parametrize(
     "layout",
     [
-        ["parallel.dp_replicate=2"],
+        # The demo's micro-batch holds the whole global batch: each rank's share is half of it.
+        ["parallel.dp_replicate=2", "pretrain.micro_batch_size=8"],
         ["parallel.tp=2", *KV2, "parallel.activation_checkpointing=true"],
         ["parallel.pp=2", "parallel.pp_schedule=gpipe"],
         ["parallel.pp=2", "parallel.pp_schedule=1f1b"],
@@ -150,7 +152,11 @@ def test_deepspeed_without_a_launcher_is_one_line(corpus, tmp_path):
 )
 def test_two_ranks_match_one_process(layout, corpus, single, tmp_path):
     run = _fresh_copy(corpus, tmp_path / "run")
-    _assert_ok(torchrun(run, [*FIVE_STEPS, *layout]))
+    proc = torchrun(run, [*FIVE_STEPS, *layout])
+    _assert_ok(proc)
+    if "pretrain.micro_batch_size=8" in layout:
+        note = "note: pretrain.micro_batch_size=8 does not divide this rank's 4 sequences per step"
+        assert f"{note}; using 4" in proc.stdout
     extra = KV2 if "model.n_kv_heads=2" in layout else []
     reference = single["kv2"] if extra else single["base"]
     _assert_same_losses(run, reference)
@@ -174,6 +180,14 @@ def test_fsdp2_matches_and_its_checkpoint_resumes_on_one_process(corpus, single,
 
     # 2 ranks -> 1: resume from step 3 without a process group.
     _resume_on_one_process(step3, corpus, tmp_path / "one", FIVE_STEPS, single["base"])
+    # The same from the command line, whose recipe.toml still says dp_shard=2: the saved layout
+    # fills the one process, with a note, and the run continues.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(sharded, resumed, symlinks=True)
+    proc = run_cli("pretrain", "--run-dir", str(resumed), "--resume", "--set=pretrain.max_steps=6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parallel.dp_shard=2 does not fit the world size 1; using dp_shard=1" in proc.stdout
+    assert max(_losses(resumed)) == 6
 
     # The sharded final checkpoint consolidates into the same weights as the one-process run.
     sharded_model, _ = load(sharded)

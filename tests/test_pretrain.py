@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import ROOT
 
 from scratchlm.config import load_recipe
@@ -15,7 +16,7 @@ from scratchlm.documents import write_documents
 from scratchlm.errors import UserError
 from scratchlm.pipeline import run_tokenize, run_tokenizer
 from scratchlm.train.metrics import read_metrics
-from scratchlm.train.pretrain import grad_accum_steps, pretrain
+from scratchlm.train.pretrain import pretrain
 
 TINY = [
     "model.dim=32",
@@ -72,12 +73,21 @@ def _losses(run_dir):
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
 
 
-def test_grad_accumulation_is_derived_from_tokens_per_step():
-    recipe = load_recipe(None, TINY)
-    assert grad_accum_steps(recipe, dp_size=1) == 2
-    assert grad_accum_steps(recipe, dp_size=2) == 1
-    with pytest.raises(UserError, match="tokens_per_step=256 must be a multiple of"):
-        grad_accum_steps(recipe, dp_size=4)
+def test_micro_batches_are_derived_from_the_global_batch(tmp_path, capsys):
+    from scratchlm.config import ParallelConfig
+    from scratchlm.train.loop import Session
+
+    session = Session("pretrain", tmp_path, load_recipe(None, TINY).pretrain, ParallelConfig())
+    assert session.batch_layout(8, 4) == (4, 2)
+    # A rank's share smaller than the micro-batch (a small recipe on more ranks) shrinks it.
+    session.dist.dp_size = 4
+    assert session.batch_layout(8, 4) == (2, 1)
+    assert "micro_batch_size=4 does not divide this rank's 2 rows per step; using 2" in (
+        capsys.readouterr().out
+    )
+    session.dist.dp_size = 3
+    with pytest.raises(UserError, match="a step of 8 rows does not split evenly over 3"):
+        session.batch_layout(8, 4)
 
 
 def test_resume_continues_exactly(corpus_run, tmp_path):
@@ -161,3 +171,23 @@ def test_shards_of_another_tokenizer_are_refused(corpus_run, tmp_path):
     run_tokenizer(recipe, run, texts=["a different corpus for a different tokenizer"] * 50)
     with pytest.raises(UserError, match="another tokenizer"):
         pretrain(recipe, run, progress=False)
+
+
+def test_init_from_starts_from_another_checkpoint(corpus_run, tmp_path):
+    from safetensors.torch import load_file
+
+    source = _fresh_copy(corpus_run, tmp_path / "source")
+    pretrain(load_recipe(None, [*TINY, "pretrain.max_steps=2"]), source, progress=False)
+    run = _fresh_copy(corpus_run, tmp_path / "continued")
+    # A zero learning rate leaves the weights where they started: the source's.
+    frozen = ["pretrain.max_steps=1", "pretrain.lr=0", "pretrain.min_lr=0", "model.dim=64"]
+    recipe = load_recipe(None, [*TINY, *frozen, f"pretrain.init_from={source}"])
+    pretrain(recipe, run, progress=False)
+    start = load_file(source / "pretrain/latest/model.safetensors")
+    end = load_file(run / "pretrain/latest/model.safetensors")
+    assert start.keys() == end.keys()
+    for name, tensor in start.items():
+        torch.testing.assert_close(end[name], tensor, msg=name)
+    missing = load_recipe(None, [*TINY, f"pretrain.init_from={tmp_path / 'nowhere'}"])
+    with pytest.raises(UserError, match="not found"):
+        pretrain(missing, _fresh_copy(corpus_run, tmp_path / "missing"), progress=False)

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scratchlm.device import Runtime
 from scratchlm.shards import iter_eval_batches
-from scratchlm.train.device import Runtime
 
 
 @torch.no_grad()

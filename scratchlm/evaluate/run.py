@@ -9,12 +9,12 @@ from typing import Any
 import torch
 
 from scratchlm.config import Recipe
+from scratchlm.device import pick_runtime
 from scratchlm.evaluate.bpb import evaluate_bpb
 from scratchlm.infer.generate import generate
 from scratchlm.loading import from_checkpoint, latest_checkpoint_dir
 from scratchlm.shards import check_tokenizer, read_meta
 from scratchlm.train.checkpoint import load_checkpoint
-from scratchlm.train.device import pick_runtime
 
 
 def sample_texts(model: torch.nn.Module, tokenizer: Any, recipe: Recipe, device: Any) -> list[dict]:

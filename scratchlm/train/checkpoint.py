@@ -2,7 +2,11 @@
 
     STAGE_DIR/step-000500/  model.safetensors  config.json  trainer_state.json  optimizer.pt
                             manifest.json (size and sha256 of every other file)
+                            critic.safetensors  critic.config.json  critic.optimizer.pt  (PPO)
     STAGE_DIR/latest -> step-000500
+
+`model` is the stage's result (what `load`, `generate` and `export` read); a stage that trains
+more than one model (PPO's value model) stores each other one under its own name.
 
 A checkpoint is written to a temporary folder and renamed into place, and `latest` moves last, so a
 crash never leaves a half-written checkpoint behind `latest`. On load the manifest is checked; a
@@ -27,6 +31,9 @@ from scratchlm.errors import UserError
 
 MODEL_FILE = "model.safetensors"
 MANIFEST = "manifest.json"
+
+Part = tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]
+"""A trained model in a checkpoint: its tensors, its config and its optimizer state."""
 
 
 def _sha256(path: Path) -> str:
@@ -71,8 +78,10 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     optimizer_state: dict[str, Any] | None = None,
     keep: int = 2,
+    others: dict[str, Part] | None = None,
 ) -> Path:
-    """Write step-NNNNNN atomically, point `latest` at it and keep the newest `keep` checkpoints."""
+    """Write step-NNNNNN atomically, point `latest` at it and keep the newest `keep` checkpoints.
+    `others` are further trained models, by name."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = stage_dir / f".tmp-{name}-{os.getpid()}"
@@ -83,6 +92,11 @@ def save_checkpoint(
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     if optimizer_state is not None:
         torch.save(optimizer_state, tmp / "optimizer.pt")
+    for part_name, (part_tensors, part_config, part_optimizer) in (others or {}).items():
+        save_file(part_tensors, str(tmp / f"{part_name}.safetensors"), metadata={"format": "pt"})
+        (tmp / f"{part_name}.config.json").write_text(json.dumps(part_config, indent=2))
+        if part_optimizer is not None:
+            torch.save(part_optimizer, tmp / f"{part_name}.optimizer.pt")
     return finish_checkpoint(tmp, stage_dir, name, keep)
 
 
@@ -176,9 +190,17 @@ class Checkpoint:
     model_config: dict[str, Any]
     trainer_state: dict[str, Any]
 
-    def optimizer_state(self) -> dict[str, Any] | None:
-        p = self.path / "optimizer.pt"
+    def optimizer_state(self, name: str = "model") -> dict[str, Any] | None:
+        p = self.path / ("optimizer.pt" if name == "model" else f"{name}.optimizer.pt")
         return torch.load(p, map_location="cpu", weights_only=True) if p.exists() else None
+
+    def part(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and config of a trained model stored beside the main one (none if sharded)."""
+        if name == "model":
+            return self.tensors, self.model_config
+        config = json.loads((self.path / f"{name}.config.json").read_text())
+        weights = self.path / f"{name}.safetensors"
+        return (load_file(str(weights)) if weights.exists() else {}), config
 
 
 def load_checkpoint(path: Path, consolidate: bool = True) -> Checkpoint:

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from scratchlm.config import PretrainConfig
+from scratchlm.config import TrainConfig
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.optim import build_optimizer
@@ -48,44 +48,56 @@ def is_sharded(path: Path) -> bool:
 def save_sharded(
     stage_dir: Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    model_config: dict[str, Any],
+    parts: dict[str, tuple[nn.Module, torch.optim.Optimizer, dict[str, Any]]],
     trainer_state: dict[str, Any],
     dist: DistInfo,
     keep: int = 2,
 ) -> Path:
-    """Collective: every rank writes its shards; rank 0 writes the rest and moves it in place."""
+    """Collective: every rank writes its shards; rank 0 writes the rest and moves it in place.
+    `parts` maps each trained model's name ("model" first) to (model, optimizer, config)."""
     name = f"step-{step:06d}"
     tmp = stage_dir / f".tmp-{name}"
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    state: dict[str, Any] = {}
+    for part, (model, optimizer, _) in parts.items():
+        model_state, optim_state = get_state_dict(model, optimizer)
+        _state_slot(state, part).update(model=model_state, optim=optim_state)
+    dcp.save(state, checkpoint_id=str(tmp))
     final = stage_dir / name
     if dist.is_main:
-        (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
+        for part, (_, _, config) in parts.items():
+            config_file = "config.json" if part == "model" else f"{part}.config.json"
+            (tmp / config_file).write_text(json.dumps(config, indent=2))
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         ckpt.finish_checkpoint(tmp, stage_dir, name, keep)
     dist.barrier()
     return final
 
 
-def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def _state_slot(state: dict[str, Any], part: str) -> dict[str, Any]:
+    """Where a part's "model" and "optim" entries live: at the top for the stage's model (so its
+    keys read "model.<param>", which `consolidate` takes), under the part's name for others."""
+    return state if part == "model" else state.setdefault(part, {})
+
+
+def load_sharded(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, part: str = "model"
+) -> None:
     """Fill a (parallelised) model and its optimizer from a sharded checkpoint, resharding it to
     this rank's part."""
     model_state, optim_state = get_state_dict(model, optimizer)
     # The saved param_groups are one rank's (a pipeline stage's names, say); this layout's own
     # groups name its parameters, and their hyper-parameters come from the recipe.
     groups = copy.deepcopy(optim_state["param_groups"])
-    state = {"model": model_state, "optim": optim_state}
+    state: dict[str, Any] = {}
+    slot = _state_slot(state, part)
+    slot.update(model=model_state, optim=optim_state)
     _dcp_load(state, path)
-    state["optim"]["param_groups"] = groups
-    set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-    )
+    slot["optim"]["param_groups"] = groups
+    set_state_dict(model, optimizer, model_state_dict=slot["model"], optim_state_dict=slot["optim"])
 
 
 def _dcp_load(state: dict[str, Any], path: Path) -> None:
@@ -116,7 +128,7 @@ def load_full_optimizer_state(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     model_config: ModelConfig,
-    cfg: PretrainConfig,
+    cfg: TrainConfig,
 ) -> None:
     """Resume a parallelised optimizer from a single-file checkpoint's optimizer.pt, whose state
     is keyed by position in the plain model's optimizer: the positions are named through an

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
-from scratchlm.config import PretrainConfig
+from scratchlm.config import TrainConfig
 
 # Quintic Newton-Schulz coefficients from Keller Jordan's Muon: the largest slope at zero for which
 # five steps bring every singular value of a unit-norm matrix into about [0.7, 1.2].
@@ -34,7 +34,7 @@ def is_hidden_matrix(name: str, param: Tensor) -> bool:
 
 
 def build_optimizer(
-    model: torch.nn.Module, cfg: PretrainConfig, no_decay_names: Collection[str] = ()
+    model: torch.nn.Module, cfg: TrainConfig, no_decay_names: Collection[str] = ()
 ) -> torch.optim.Optimizer:
     """AdamW, or Muon + AdamW (cfg.optimizer). Matrices decay, norms and embeddings do not.
     no_decay_names are further embeddings (a pipeline stage's copy of a tied embedding)."""
@@ -211,7 +211,7 @@ def _like(full: Tensor, param: Tensor) -> Tensor:
     return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
 
 
-def lr_factor(step: int, cfg: PretrainConfig, elapsed: float = 0.0) -> float:
+def lr_factor(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
     """The learning rate at `step` as a share of the peak, in [0, 1].
 
     Linear warmup over warmup_steps, then either a cosine decay to min_lr / lr ("cosine"), or
@@ -232,8 +232,3 @@ def lr_factor(step: int, cfg: PretrainConfig, elapsed: float = 0.0) -> float:
             return 1.0
         return floor + (1.0 - floor) * (1.0 - progress) / cfg.decay_fraction
     return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * progress))
-
-
-def lr_at(step: int, cfg: PretrainConfig, elapsed: float = 0.0) -> float:
-    """The AdamW learning rate at `step`: cfg.lr * lr_factor."""
-    return cfg.lr * lr_factor(step, cfg, elapsed)

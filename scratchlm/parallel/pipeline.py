@@ -19,8 +19,8 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.distributed.tensor import DTensor
 
 from scratchlm.config import ParallelConfig
+from scratchlm.device import Runtime
 from scratchlm.errors import UserError
-from scratchlm.train.device import Runtime
 
 if TYPE_CHECKING:
     from scratchlm.parallel import DistInfo

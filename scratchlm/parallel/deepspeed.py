@@ -1,10 +1,9 @@
 """DeepSpeed ZeRO-2/3 as an alternative engine (`parallel.engine = "deepspeed"`).
 
-For users who already run DeepSpeed. The recipe's batch, optimizer and schedule keys become a
-generated DeepSpeed config: the global batch in sequences, the micro-batch, the derived gradient
-accumulation, clipping and the ZeRO stage. The optimizer is scratchlm's own AdamW (a client
-optimizer, so DeepSpeed compiles none of its C++ Adam kernels), and the trainer keeps setting its
-learning rate every step.
+For users who already run DeepSpeed. The training loop's batch and clipping become a generated
+DeepSpeed config: the micro-batch, the derived gradient accumulation, clipping and the ZeRO stage.
+The optimizer is scratchlm's own AdamW (a client optimizer, so DeepSpeed compiles none of its C++
+Adam kernels), and the trainer keeps setting its learning rate every step.
 
 Checkpoints hold the full weights, gathered from the ZeRO partitions into the single-file format,
 so they load, export and resume at any layout. DeepSpeed's partitioned optimizer state is pickled
@@ -21,20 +20,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from scratchlm.config import Recipe
+from scratchlm.config import ParallelConfig
+from scratchlm.device import Runtime
 from scratchlm.errors import UserError
 from scratchlm.model import cross_entropy_loss
-from scratchlm.train.device import Runtime
 
 
-def deepspeed_config(recipe: Recipe, runtime: Runtime, accum: int) -> dict[str, Any]:
-    p = recipe.pretrain
+def deepspeed_config(
+    parallel_cfg: ParallelConfig, grad_clip: float, runtime: Runtime, micro: int, accum: int
+) -> dict[str, Any]:
+    """The batch is given per rank: micro-batch rows and micro-batches per step (DeepSpeed
+    derives the global batch from the world size)."""
     return {
-        "train_batch_size": p.tokens_per_step // recipe.model.max_seq_len,
-        "train_micro_batch_size_per_gpu": p.micro_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": p.grad_clip,
-        "zero_optimization": {"stage": recipe.parallel.zero_stage},
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": parallel_cfg.zero_stage},
         "bf16": {"enabled": runtime.autocast_dtype == torch.bfloat16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -58,17 +59,18 @@ class DeepSpeedRunner:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        recipe: Recipe,
+        parallel_cfg: ParallelConfig,
+        grad_clip: float,
         runtime: Runtime,
+        micro: int,
         accum: int,
     ) -> None:
-        if recipe.parallel.zero_stage not in (2, 3):
-            raise UserError(f"parallel.zero_stage={recipe.parallel.zero_stage}: expected 2 or 3")
+        if parallel_cfg.zero_stage not in (2, 3):
+            raise UserError(f"parallel.zero_stage={parallel_cfg.zero_stage}: expected 2 or 3")
         deepspeed = import_deepspeed()
         self.deepspeed, self.module, self.accum = deepspeed, model, accum
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(recipe, runtime, accum)
-        )
+        config = deepspeed_config(parallel_cfg, grad_clip, runtime, micro, accum)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         if runtime.autocast_dtype is not None:  # DeepSpeed's bf16 cast also rounded the RoPE tables
             model.init_rope()
 

@@ -29,9 +29,9 @@ from torch.distributed.tensor.parallel import (
 )
 
 from scratchlm.config import ParallelConfig
+from scratchlm.device import Runtime
 from scratchlm.errors import UserError
-from scratchlm.train.device import Runtime
-from scratchlm.train.pipeline_parallel import PipelineRunner, split_stage
+from scratchlm.parallel.pipeline import PipelineRunner, split_stage
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -58,7 +58,6 @@ class DistInfo:
     tied_copies: set[str] = field(default_factory=set)
     """Names of this stage's copy of a tied embedding that another stage also holds: kept out of
     weight decay (as the embedding is) and counted once in the gradient norm."""
-    _model: nn.Module | None = None
 
     @property
     def is_main(self) -> bool:
@@ -104,21 +103,23 @@ class DistInfo:
         torch_dist.broadcast(tensor, src=0)
         return float(tensor.item())
 
-    def sync_gradients(self, sync: bool) -> contextlib.AbstractContextManager:
-        """Skip the data-parallel gradient reduction for all but the last micro-batch of a step."""
-        if self.ddp and not sync and self._model is not None:
-            return self._model.no_sync()
-        if self.fsdp and self._model is not None:
-            self._model.set_requires_gradient_sync(sync)
-        return contextlib.nullcontext()
-
 
 def check_layout(cfg: ParallelConfig, world_size: int) -> None:
     """The degrees must multiply to the world size. parallel.dp_shard = -1 takes what the others
-    leave (as in torchtitan), so one recipe runs at any world size; it is resolved here, in cfg."""
+    leave (as in torchtitan), so one recipe runs at any world size; it is resolved here, in cfg.
+    A layout that does not fit (a run saved on 2 ranks, resumed on 1) fills the world the same
+    way when it can, with a note."""
+    rest = cfg.dp_replicate * cfg.tp * cfg.pp
+    can_fill = rest > 0 and world_size % rest == 0
+    if cfg.dp_shard > 0 and cfg.dp_shard * rest != world_size and can_fill:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"note: parallel.dp_shard={cfg.dp_shard} does not fit the world size "
+                f"{world_size}; using dp_shard={world_size // rest}, as dp_shard=-1 would"
+            )
+        cfg.dp_shard = world_size // rest
     if cfg.dp_shard == -1:
-        rest = cfg.dp_replicate * cfg.tp * cfg.pp
-        cfg.dp_shard = world_size // rest if rest > 0 and world_size % rest == 0 else 0
+        cfg.dp_shard = world_size // rest if can_fill else 0
         if cfg.dp_shard < 1:
             raise UserError(
                 f"parallel.dp_shard=-1: the world size {world_size} is not a multiple of "
@@ -201,7 +202,7 @@ def apply(
             return model
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        dist.ddp, dist._model = True, wrapped
+        dist.ddp = True
         return wrapped
     mesh = dist.mesh
     if cfg.pp > 1:
@@ -212,12 +213,24 @@ def apply(
         apply_activation_checkpointing(model)
     if cfg.dp_shard > 1 or cfg.dp_replicate > 1:
         apply_fsdp(model, mesh["dp_replicate", "dp_shard"], runtime)
-        dist.fsdp, dist._model = True, model
+        dist.fsdp = True
     if cfg.pp > 1:
         if loss_fn is None:
             raise ValueError("pipeline parallelism needs the loss function")
         dist.pipeline = PipelineRunner(model, dist, cfg, runtime, micro_batches, loss_fn)
     return model
+
+
+def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Skip the data-parallel gradient reduction of `model` (as `apply` returned it) for all but
+    the last micro-batch of a step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not sync:
+        return model.no_sync()
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, runtime: Runtime) -> None:

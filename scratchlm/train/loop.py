@@ -1,0 +1,442 @@
+"""The one training loop every stage uses: pretraining, SFT, the reward model, DPO, PPO and GRPO.
+
+A stage brings its data, its model (with its head) and its loss. Everything else is here and works
+the same way for every stage:
+
+- device and precision, chosen once and printed (fp32 on CPU, bf16 autocast on CUDA);
+- the parallel layout, applied from outside by `scratchlm.parallel` (DDP and FSDP2 for any
+  stage; tensor and pipeline parallelism and DeepSpeed for the language-model loss);
+- micro-batches and gradient accumulation, clipping, the optimizer and its schedule, compile;
+- the time budget, the progress bar and metrics.jsonl, every row tagged with its stage;
+- atomic checkpoints that resume exactly (weights, optimizer moments, schedule position, data
+  position, RNG states), and SIGINT/SIGTERM, which finish the step and save before stopping.
+
+A stage that trains one model reads:
+
+    session = Session("sft", run_dir, recipe.sft, recipe.parallel, resume)
+    batch = session.batch_layout(rows_per_step, recipe.sft.micro_batch_size)  # (micro, accum)
+    trainer = session.trainer(model, batch)          # moved, parallelised, with its optimizer
+    result = session.run(lambda: trainer.step(data.next_batch(), loss_fn), evaluate, {"data": data})
+
+PPO trains a second model (the value model) in the same session: `session.trainer(critic, name=
+"critic")`; both are saved in one checkpoint and resumed together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from scratchlm import parallel
+from scratchlm.config import ParallelConfig, TrainConfig
+from scratchlm.device import Runtime, pick_runtime
+from scratchlm.errors import UserError
+from scratchlm.parallel.deepspeed import DeepSpeedRunner, warn_optimizer_restart
+from scratchlm.train import checkpoint as ckpt
+from scratchlm.train import distributed_checkpoint as dckpt
+from scratchlm.train.metrics import MetricsLog, drop_rows
+from scratchlm.train.optim import build_optimizer, lr_factor
+from scratchlm.train.rng import get_rng_state, set_rng_state
+
+LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
+"""loss_fn(model, micro_batch) -> (the micro-batch's mean loss, further metrics to log)."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint was saved. Carries the signal number."""
+
+    def __init__(self, stage: str, signum: int, saved: Path):
+        super().__init__(f"stopped by signal {signum}; checkpoint saved to {saved}")
+        self.stage = stage
+        self.signum = signum
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: stop now, without waiting for the step
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def cut_batch(batch: Any, parts: int) -> list[Any]:
+    """A batch (a tensor, or a tuple or dict of tensors sharing the first dimension) cut into
+    `parts` micro-batches along that dimension."""
+    if isinstance(batch, torch.Tensor):
+        return list(batch.chunk(parts))
+    if isinstance(batch, dict):
+        pieces = {k: cut_batch(v, parts) for k, v in batch.items()}
+        return [{k: v[i] for k, v in pieces.items()} for i in range(parts)]
+    if isinstance(batch, (tuple, list)):
+        return [tuple(p) for p in zip(*(cut_batch(v, parts) for v in batch), strict=True)]
+    raise TypeError(f"cannot split a batch of type {type(batch).__name__}")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+class Trainer:
+    """One model being trained: its parallel wrapping, its optimizer and the accumulation step."""
+
+    def __init__(
+        self,
+        session: Session,
+        name: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: dict[str, Any],
+        accum: int,
+    ) -> None:
+        self.session, self.name, self.config, self.accum = session, name, config, accum
+        self.model = model
+        """As `parallel.apply` returned it: what checkpoints and gradient sync work on."""
+        self.optimizer = optimizer
+        self.forward_model = torch.compile(model) if session.cfg.compile else model
+
+    def set_lr(self, factor: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
+    def step(self, batch: Any, loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step over this rank's part of the global batch.
+
+        `batch` is split into the trainer's micro-batches (or is a list of them already). The
+        gradient is the mean over micro-batches and ranks of each micro-batch's loss. Returns the
+        mean loss, the gradient norm and the means of loss_fn's metrics, over all ranks.
+        """
+        session, dist, runtime = self.session, self.session.dist, self.session.runtime
+        totals: dict[str, torch.Tensor] = {}
+        if dist.deepspeed is not None:  # the engine accumulates, clips and steps itself
+            totals["loss"], grad_norm = dist.deepspeed.step(*batch)
+        else:
+            if dist.pipeline is not None:  # the schedule runs every micro-batch through the stages
+                totals["loss"] = dist.pipeline.step(*batch)
+            else:
+                micro_batches = batch if isinstance(batch, list) else cut_batch(batch, self.accum)
+                n = len(micro_batches)
+                for i, micro in enumerate(micro_batches):
+                    micro = to_device(micro, runtime.device)
+                    # Data-parallel gradients are reduced once, after the last micro-batch.
+                    with parallel.gradient_sync(self.model, i == n - 1), runtime.autocast():
+                        loss, metrics = loss_fn(self.forward_model, micro)
+                    (loss / n).backward()
+                    for key, value in {"loss": loss, **metrics}.items():
+                        value = torch.as_tensor(value, dtype=torch.float32, device=runtime.device)
+                        totals[key] = totals.get(key, 0.0) + value.detach().float() / n
+            grad_norm = parallel.clip_grad_norm_(self.model, session.cfg.grad_clip, dist)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        means = dist.mean(torch.stack(list(totals.values())).float())  # one collective for all
+        return {
+            **{key: float(value) for key, value in zip(totals, means, strict=True)},
+            "grad_norm": float(grad_norm),
+        }
+
+    def eval_model(self, rows: int) -> nn.Module:
+        """The model for evaluation forwards of up to `rows` rows (all stages under pipeline
+        parallelism; the engine under DeepSpeed)."""
+        dist = self.session.dist
+        if dist.deepspeed is not None:
+            return dist.deepspeed.engine
+        if dist.pipeline is not None:
+            cfg = self.config
+            return dist.pipeline.whole_model(rows, cfg["max_seq_len"], cfg["vocab_size"])
+        return self.model
+
+    def part(self) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any]]:
+        return self.model, self.optimizer, self.config
+
+
+class Session:
+    """One run of one stage: device, layout, metrics, signals, schedule and checkpoints.
+
+    Creating it seeds torch and, with resume=True and a checkpoint in RUN/<stage>, reads that
+    checkpoint; `trainer` then restores each model from it and `run` the rest.
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        run_dir: Path,
+        cfg: TrainConfig,
+        parallel_cfg: ParallelConfig,
+        resume: bool = False,
+        progress: bool = True,
+        language_model_loss: bool = True,
+    ) -> None:
+        self.stage, self.run_dir, self.cfg, self.parallel_cfg = stage, run_dir, cfg, parallel_cfg
+        self.progress = progress
+        if not language_model_loss and (parallel_cfg.pp > 1 or parallel_cfg.engine != "torch"):
+            raise UserError(
+                f"{stage} runs on data-parallel and tensor-parallel layouts: set parallel.pp=1 "
+                "and parallel.engine='torch'"
+            )
+        self.runtime: Runtime = pick_runtime(cfg.device, cfg.precision)
+        self.dist = parallel.init(parallel_cfg, self.runtime.device)
+        self.stage_dir = run_dir / stage
+        if self.dist.is_main:
+            self.stage_dir.mkdir(parents=True, exist_ok=True)
+        self.log = MetricsLog(run_dir / "metrics.jsonl", stage, enabled=self.dist.is_main)
+        self.say(f"{stage}: {self.runtime.describe()}, {self.dist.describe()}")
+        torch.manual_seed(cfg.seed)
+        self.trainers: dict[str, Trainer] = {}
+        self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.restored: ckpt.Checkpoint | None = None
+        if resume and ckpt.list_checkpoints(self.stage_dir):
+            # A sharded checkpoint is read after the model is split; a single-file one before.
+            self.restored = ckpt.load_checkpoint(self.stage_dir, consolidate=False)
+            state = self.restored.trainer_state
+            self.step, self.tokens_seen = state["step"], state.get("tokens_seen", 0)
+            self.elapsed_before = state.get("elapsed", 0.0)
+            if self.dist.is_main:  # rows logged after this checkpoint, before the stop, come again
+                drop_rows(run_dir / "metrics.jsonl", stage, after_step=self.step)
+            self.say(f"{stage}: resumed from {self.restored.path} at step {self.step}")
+        elif resume:
+            self.say(f"{stage}: no checkpoint in {self.stage_dir} to resume from; starting at 0")
+
+    def say(self, *args: Any) -> None:
+        if self.dist.is_main:
+            print(*args, flush=True)
+
+    def batch_layout(self, rows_per_step: int, micro_batch_size: int, unit: str = "rows") -> tuple:
+        """(micro-batch rows, micro-batches per step) for each data-parallel rank's share of a
+        global batch of `rows_per_step`. A micro-batch larger than the share shrinks to the
+        largest size that divides it, with a note."""
+        dp = self.dist.dp_size
+        if rows_per_step % dp:
+            raise UserError(
+                f"{self.stage}: a step of {rows_per_step} {unit} does not split evenly over "
+                f"{dp} data-parallel ranks"
+            )
+        share = rows_per_step // dp
+        micro = max(d for d in range(1, min(micro_batch_size, share) + 1) if share % d == 0)
+        if micro != micro_batch_size:
+            self.say(
+                f"note: {self.stage}.micro_batch_size={micro_batch_size} does not divide this "
+                f"rank's {share} {unit} per step; using {micro}"
+            )
+        return micro, share // micro
+
+    def trainer(
+        self,
+        model: nn.Module,
+        batch: tuple[int, int] = (1, 1),
+        name: str = "model",
+        pipeline_loss: Callable | None = None,
+    ) -> Trainer:
+        """Restore `model` from the resumed checkpoint (if any), move and parallelise it, and give
+        it an optimizer. `batch` is (micro-batch rows, micro-batches per step), as batch_layout
+        gives it. `name` tells trained models of one stage apart; "model" is the stage's result.
+        `pipeline_loss(logits, targets)` is needed under pipeline parallelism."""
+        micro, accum = batch
+        if self.parallel_cfg.engine == "deepspeed" and self.cfg.optimizer == "muon":
+            raise UserError(
+                f"{self.stage}.optimizer = 'muon' does not run under DeepSpeed, whose ZeRO "
+                "flattens the matrices Muon orthogonalises; use parallel.engine = 'torch' (FSDP2)"
+            )
+        if name in self.trainers:
+            raise ValueError(f"a trainer named {name!r} exists already")
+        if (self.dist.pipeline is not None or self.dist.deepspeed is not None) and self.trainers:
+            raise UserError(f"{self.stage} trains several models: pipeline and DeepSpeed train one")
+        model_config = model.config
+        config = model_config.to_dict()
+        restored = self.restored
+        if restored is not None and not dckpt.is_sharded(restored.path):
+            ckpt.load_weights(model, restored.part(name)[0])
+        model = parallel.apply(
+            model, self.dist, self.parallel_cfg, self.runtime, accum, pipeline_loss
+        )
+        optimizer = build_optimizer(model, self.cfg, no_decay_names=self.dist.tied_copies)
+        if restored is not None:
+            if dckpt.is_sharded(restored.path):
+                dckpt.load_sharded(restored.path, model, optimizer, part=name)
+            elif self.parallel_cfg.engine == "deepspeed":
+                warn_optimizer_restart()
+            elif (opt_state := restored.optimizer_state(name)) is not None:
+                if self.dist.sharded:
+                    dckpt.load_full_optimizer_state(
+                        model, optimizer, opt_state, model_config, self.cfg
+                    )
+                else:
+                    optimizer.load_state_dict(opt_state)
+        if self.parallel_cfg.engine == "deepspeed":  # DeepSpeed owns model and optimizer from here
+            self.dist.deepspeed = DeepSpeedRunner(
+                model, optimizer, self.parallel_cfg, self.cfg.grad_clip, self.runtime, micro, accum
+            )
+        trainer = Trainer(self, name, model, optimizer, config, accum)
+        self.trainers[name] = trainer
+        return trainer
+
+    def save(self, stateful: dict[str, Any]) -> Path:
+        """Checkpoint every trainer at the current step (collective under torchrun)."""
+        trainer_state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "elapsed": round(time.time() - self._start, 3),
+            "lr_factor": self._factor,
+            "rng": get_rng_state(),
+            **{key: obj.state_dict() for key, obj in stateful.items()},
+        }
+        keep = self.cfg.keep_checkpoints
+        parts = {name: t.part() for name, t in self.trainers.items()}
+        if self.dist.sharded:  # every rank writes its own shards
+            return dckpt.save_sharded(
+                self.stage_dir, self.step, parts, trainer_state, self.dist, keep=keep
+            )
+        deepspeed = self.dist.deepspeed
+        path = self.stage_dir / f"step-{self.step:06d}"
+        with deepspeed.full_weights() if deepspeed else contextlib.nullcontext():
+            if self.dist.is_main:
+                saved = {
+                    name: (
+                        ckpt.model_tensors(parallel.unwrap(model)),
+                        config,
+                        None if deepspeed else optimizer.state_dict(),
+                    )
+                    for name, (model, optimizer, config) in parts.items()
+                }
+                tensors, config, optimizer_state = saved.pop("model")
+                path = ckpt.save_checkpoint(
+                    self.stage_dir,
+                    self.step,
+                    tensors,
+                    config,
+                    trainer_state,
+                    optimizer_state,
+                    keep,
+                    others=saved,
+                )
+        self.dist.barrier()
+        return path
+
+    def run(
+        self,
+        train_step: Callable[[], dict[str, float]],
+        evaluate: Callable[[], dict[str, float]],
+        stateful: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Call train_step until max_steps (or max_seconds); log, evaluate and save on the way.
+
+        train_step returns the step's metrics; a "tokens" entry (tokens in the global batch)
+        becomes tokens_per_s and the running count. `stateful` objects (the data loader, ...)
+        have state_dict/load_state_dict and are saved and restored with the checkpoint.
+        """
+        cfg, dist, stateful = self.cfg, self.dist, stateful or {}
+        if self.restored is not None:
+            state = self.restored.trainer_state
+            for key, obj in stateful.items():
+                obj.load_state_dict(state[key])
+            set_rng_state(state["rng"])
+        # The clock continues from the checkpoint, so a time budget spans a resume.
+        self._start = time.time() - self.elapsed_before
+        self._factor = lr_factor(self.step, cfg, elapsed=self.elapsed_before)
+        last_val: dict[str, float] = {}
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not (self.progress and dist.is_main),
+            dynamic_ncols=True,
+            desc=self.stage,
+        )
+        for trainer in self.trainers.values():
+            trainer.model.train()
+        try:
+            with StopSignals() as stop:
+                while self.step < cfg.max_steps:
+                    t0 = time.time()
+                    # With a time budget, rank 0's clock drives the schedule and the stop.
+                    elapsed = dist.from_rank0(t0 - self._start) if cfg.max_seconds else 0.0
+                    if cfg.max_seconds and elapsed >= cfg.max_seconds:
+                        self.say(
+                            f"{self.stage}: reached max_seconds={cfg.max_seconds:g} "
+                            f"at step {self.step}"
+                        )
+                        break
+                    self._factor = lr_factor(self.step, cfg, elapsed=elapsed)
+                    for trainer in self.trainers.values():
+                        trainer.set_lr(self._factor)
+                    metrics = train_step()
+                    self.step += 1
+                    self._log_step(metrics, time.time() - t0, bar)
+                    if (
+                        cfg.eval_every
+                        and self.step % cfg.eval_every == 0
+                        and (self.step < cfg.max_steps)
+                    ):
+                        last_val = self._evaluate(evaluate, bar)
+                    # Every rank stops at the same step: a signal may reach them at different times.
+                    if (signum := dist.agree_stop(stop.signum)) is not None:
+                        raise TrainingInterrupted(self.stage, signum, self.save(stateful))
+                    if (
+                        cfg.save_every
+                        and self.step % cfg.save_every == 0
+                        and (self.step < cfg.max_steps)
+                    ):
+                        self.save(stateful)
+            bar.close()
+            last_val = self._evaluate(evaluate, None)
+            final = self.save(stateful)
+        finally:  # also on a stop or an error: close the bar and leave the process group
+            bar.close()
+            parallel.shutdown(dist)
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "seconds": round(time.time() - self._start, 1),
+            "checkpoint": str(final),
+            **last_val,
+        }
+
+    def _log_step(self, metrics: dict[str, float], seconds: float, bar: tqdm) -> None:
+        loss = metrics["loss"]
+        if not math.isfinite(loss):
+            raise RuntimeError(f"{self.stage}: loss is {loss} at step {self.step}; lower the lr")
+        row = {"loss": loss, "lr": self.cfg.lr * self._factor}
+        tokens = metrics.pop("tokens", None)
+        if tokens is not None:
+            self.tokens_seen += int(tokens)
+            row.update(tokens_per_s=round(tokens / seconds, 1), tokens=self.tokens_seen)
+        self.log.write(self.step, **row, **{k: v for k, v in metrics.items() if k != "loss"})
+        bar.update(1)
+        shown = {"loss": f"{loss:.3f}"}
+        if tokens is not None:
+            shown["tok_s"] = f"{row['tokens_per_s']:,.0f}"
+        bar.set_postfix(shown)
+
+    def _evaluate(self, evaluate: Callable[[], dict], bar: tqdm | None) -> dict[str, float]:
+        result = evaluate()
+        self.log.write(self.step, **result)
+        if bar is not None and self.dist.is_main:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+            bar.write(f"step {self.step}: {shown}")
+        return result
