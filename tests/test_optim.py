@@ -68,7 +68,7 @@ def test_schedule_keys_are_checked():
     assert recipe.pretrain.schedule == "wsd" and recipe.pretrain.optimizer == "muon"
     with pytest.raises(UserError, match="pretrain.schedule"):
         load_recipe(None, ["pretrain.schedule=linear"])
-    with pytest.raises(UserError, match="pretrain.decay_fraction"):
+    with pytest.raises(UserError, match="decay_fraction = 0.0"):
         load_recipe(None, ["pretrain.decay_fraction=0"])
 
 
