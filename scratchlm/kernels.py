@@ -240,10 +240,13 @@ def _(grad_out, x, weight, rstd):
 
 def _rms_norm_setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zeros for rstd's gradient
     ctx.save_for_backward(inputs[0], inputs[1], output[1])
 
 
 def _rms_norm_grad(ctx, grad_out, _grad_rstd):
+    if grad_out is None:
+        return None, None, None
     x, weight, rstd = ctx.saved_tensors
     grad_x, grad_w = _rms_norm_backward(grad_out, x, weight, rstd)
     return grad_x, grad_w, None
@@ -304,10 +307,15 @@ def _(logits, targets, ignore_index, with_grad):
 
 def _cross_entropy_setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(output[1])
+    # Without this autograd would fill a [tokens, vocab] tensor of zeros for the gradient buffer's
+    # own (unused) gradient at every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
 
 
 def _cross_entropy_grad(ctx, grad_loss, _grad_grad):
+    if grad_loss is None:
+        return None, None, None, None
     (grad,) = ctx.saved_tensors
     if torch.compiler.is_compiling():  # traced graphs are functional; inductor reuses buffers
         return grad * grad_loss.to(grad.dtype), None, None, None
