@@ -9,7 +9,7 @@ A fixed step count (the schedule over steps, not the clock) makes the result ind
 busy the machine is while the sweep runs.
 
     python bench/sweep.py --side muon --ref-steps 450 --vary pretrain.muon_lr=0.01,0.04 \\
-        --vary model.dim=128,256 [--json]
+        --try "model.dim=256 model.n_heads=8 model.n_kv_heads=4" [--jobs 2] [--json]
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import multiprocessing
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -33,24 +35,35 @@ from scratchlm.train.optim import build_optimizer  # noqa: E402
 from scratchlm.train.pretrain import model_config_from  # noqa: E402
 
 
-def candidates(side: str, vary: list[str], extra: list[str]) -> dict[str, list[str]]:
-    """name -> recipe overrides: the side's recipe, then each variation of one key."""
+def candidates(
+    side: str, vary: list[str], tries: list[str], extra: list[str]
+) -> dict[str, list[str]]:
+    """name -> recipe overrides: the side's recipe, each variation of one key, then each --try
+    (several keys changed together)."""
     base = bench.SIDE_RECIPES[side] + extra
     found = {"reference": base}
     for item in vary:
         key, _, values = item.partition("=")
         for value in values.split(","):
             found[f"{key}={value}"] = [*base, f"{key}={value}"]
+    for item in tries:
+        found[item] = [*base, *item.split()]
     return found
 
 
 def probe(overrides: dict[str, list[str]], rounds: int) -> dict[str, float]:
     """Seconds per optimizer step of each candidate (random tokens, the real model, optimizer
-    and clipping), measured in turns; the median of `rounds` steps after one warm-up step."""
-    steps = {}
+    and clipping), measured in turns; the median of `rounds` steps after one warm-up step.
+    Candidates that differ only in rates, decay or schedule share one measurement."""
+    steps, same_work = {}, {}
     for name, sets in overrides.items():
         recipe = load_recipe(None, bench.RECIPE + sets)
         cfg, model_cfg = recipe.pretrain, model_config_from(recipe)
+        work = (model_cfg, cfg.tokens_per_step, cfg.micro_batch_size, cfg.optimizer)
+        if work in same_work.values():
+            same_work[name] = work
+            continue
+        same_work[name] = work
         torch.manual_seed(0)
         model = Transformer(model_cfg)
         optimizer = build_optimizer(model, cfg)
@@ -75,7 +88,8 @@ def probe(overrides: dict[str, list[str]], rounds: int) -> dict[str, float]:
             elapsed = step()
             if i:
                 times[name].append(elapsed)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    measured = {same_work[name]: statistics.median(ts) for name, ts in times.items()}
+    return {name: measured[work] for name, work in same_work.items()}
 
 
 def main() -> None:
@@ -83,8 +97,12 @@ def main() -> None:
     parser.add_argument("--side", choices=sorted(bench.SIDE_RECIPES), default="muon")
     parser.add_argument("--ref-steps", type=int, required=True, help="reference steps in budget")
     parser.add_argument("--vary", action="append", default=[], help="key=v1,v2 (repeatable)")
+    parser.add_argument(
+        "--try", dest="tries", action="append", default=[], help="'key=v key=v' (repeatable)"
+    )
     parser.add_argument("--set", action="append", default=[], help="overrides for every one")
     parser.add_argument("--rounds", type=int, default=5, help="timed probe steps per candidate")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at a time, 1 thread each")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     source = next((p for p in bench.SOURCES if p.exists()), None)
@@ -93,23 +111,37 @@ def main() -> None:
     text = gzip.open(source, "rt", encoding="utf-8").read()
     cut = int(len(text) * 0.9)
 
-    overrides = candidates(args.side, args.vary, args.set)
+    overrides = candidates(args.side, args.vary, args.tries, args.set)
     seconds_per_step = probe(overrides, args.rounds)
     reference = seconds_per_step["reference"]
-    rows = []
-    for name, sets in overrides.items():
-        steps = max(1, round(args.ref_steps * reference / seconds_per_step[name]))
-        result = bench.scratchlm_side(text, cut, 0.0, sets, steps=steps)
-        rows.append(
-            {
-                "candidate": name,
-                "relative_speed": round(reference / seconds_per_step[name], 3),
-                "steps": steps,
-                "params": result["params"],
-                "val_bpb": round(result["val_bpb"], 4),
-            }
-        )
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    steps = {
+        name: max(1, round(args.ref_steps * reference / seconds))
+        for name, seconds in seconds_per_step.items()
+    }
+    # The trainings run a fixed number of steps, so they may share the machine: --jobs processes
+    # of one thread each.
+    # Fresh (spawned) processes: a forked child of a process that ran OpenMP threads may hang.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        args.jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
+        futures = {
+            name: pool.submit(bench.scratchlm_side, text, cut, 0.0, sets, steps[name])
+            for name, sets in overrides.items()
+        }
+        rows = []
+        for name, future in futures.items():
+            result = future.result()
+            rows.append(
+                {
+                    "candidate": name,
+                    "relative_speed": round(reference / seconds_per_step[name], 3),
+                    "steps": steps[name],
+                    "params": result["params"],
+                    "val_bpb": round(result["val_bpb"], 4),
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(f"\n{'candidate':<36}{'speed':>7}{'steps':>7}{'params':>11}{'val bpb':>9}")
     for r in sorted(rows, key=lambda r: r["val_bpb"]):
         print(
