@@ -59,7 +59,7 @@ def probe(overrides: dict[str, list[str]], rounds: int) -> dict[str, float]:
     for name, sets in overrides.items():
         recipe = load_recipe(None, bench.RECIPE + sets)
         cfg, model_cfg = recipe.pretrain, model_config_from(recipe)
-        work = (model_cfg, cfg.tokens_per_step, cfg.micro_batch_size, cfg.optimizer)
+        work = (str(model_cfg), cfg.tokens_per_step, cfg.micro_batch_size, cfg.optimizer)
         if work in same_work.values():
             same_work[name] = work
             continue
