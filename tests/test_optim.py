@@ -1,5 +1,6 @@
 import io
 import math
+import os
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from scratchlm.config import PretrainConfig, load_recipe
 from scratchlm.errors import UserError
 from scratchlm.model import ModelConfig, Transformer, cross_entropy_loss
 from scratchlm.train.distributed_checkpoint import is_sharded
+from scratchlm.train.metrics import read_metrics
 from scratchlm.train.optim import (
     MuonAdamW,
     build_optimizer,
@@ -276,3 +278,29 @@ def test_muon_resumes_exactly_and_matches_under_fsdp2(tmp_path):
     step3 = sharded / "pretrain" / "step-000003"
     assert is_sharded(step3)
     _resume_on_one_process(step3, corpus, tmp_path / "one", MUON_RUN, single)
+
+
+def test_wsd_run_extends_from_a_checkpoint_before_the_decay(tmp_path):
+    """A 6-step WSD run's step-3 checkpoint (still at the peak), resumed with max_steps=10, gives
+    the losses of a run planned for 10 steps from the start."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    make_corpus_run(corpus)
+    wsd = [*FIVE_STEPS, "pretrain.schedule=wsd", "pretrain.decay_fraction=0.5"]
+    short = _fresh_copy(corpus, tmp_path / "short")
+    pretrain(load_recipe(None, [*wsd, "pretrain.max_steps=6"]), short, progress=False)
+    planned = _fresh_copy(corpus, tmp_path / "planned")
+    pretrain(load_recipe(None, [*wsd, "pretrain.max_steps=10"]), planned, progress=False)
+    extended = _fresh_copy(corpus, tmp_path / "extended")
+    (extended / "pretrain").mkdir()
+    os.symlink(short / "pretrain" / "step-000003", extended / "pretrain" / "step-000003")
+    (extended / "pretrain" / "latest").symlink_to("step-000003")
+    recipe = load_recipe(None, [*wsd, "pretrain.max_steps=10"])
+    pretrain(recipe, extended, resume=True, progress=False)
+    _assert_same_losses(extended, planned, steps=range(4, 11))
+    # while the short run had started its decay at its last step
+    lrs = {
+        run: {r["step"]: r["lr"] for r in read_metrics(run / "metrics.jsonl") if "lr" in r}
+        for run in (short, planned)
+    }
+    assert lrs[short][5] == lrs[planned][5] and lrs[short][6] < lrs[planned][6]
