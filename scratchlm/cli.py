@@ -1,7 +1,10 @@
 """The `scratchlm` command: one subcommand per stage. Parsing only; the work lives in the stages.
 
-Exit codes: 0 done, 2 a user mistake (one line on stderr), 1 anything else, 128+N after signal N
-(a checkpoint was saved first).
+Exit codes: 0 done, 2 a user mistake (one line on stderr), 1 anything else (a fault of the run,
+such as a full disk, is one line too), 128+N after signal N (a checkpoint was saved first).
+
+A command that writes into a run folder holds its lock (RUN/.lock) from before its first write;
+read-only commands do not take it.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-from scratchlm.errors import UserError
+from scratchlm.errors import RunFault, UserError
 
 DEFAULT_RECIPE = "recipes/tiny.toml"
+# Commands that only read a run folder: they run beside a training that holds its lock.
+READ_ONLY = {"generate", "chat", "eval", "export", "serve"}
 
 
 def _add_recipe_args(p: argparse.ArgumentParser, run_dir_required: bool = True) -> None:
@@ -30,6 +35,26 @@ def _add_recipe_args(p: argparse.ArgumentParser, run_dir_required: bool = True) 
         metavar="SECTION.KEY=VALUE",
         help="override a recipe key (the value parses as TOML)",
     )
+
+
+def _add_executor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        help="run the tasks as local processes or on a Ray cluster (default: curate.executor)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="the Ray cluster: auto, or HOST:PORT (default: curate.ray_address; empty starts one)",
+    )
+
+
+def _apply_executor_args(curate, args: argparse.Namespace) -> None:
+    if args.executor is not None:
+        curate.executor = args.executor
+    if args.ray_address is not None:
+        curate.ray_address = args.ray_address
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,27 +78,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--out model.bin",
     )
     p.add_argument("inputs", nargs="*", help="files, folders or globs (or a recipe with --run-dir)")
-    p.add_argument("--out", type=Path, help="output folder for plain inputs")
+    p.add_argument("--out", help="output folder (or fsspec URL, e.g. s3://bucket/out)")
     p.add_argument("--run-dir", type=Path, help="run the stage of this run folder")
     p.add_argument("--recipe", help="recipe whose [curate] section to use")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--only", help="run only these steps (comma-separated)")
+    _add_executor_args(p)
 
     for name, help_text in [
         ("tokenizer", "train the byte-level BPE tokenizer on the curated documents"),
         ("tokenize", "tokenize the curated documents into token shards"),
         ("pretrain", "pretrain the model on the token shards"),
-        ("eval", "validation bits-per-byte and samples of the newest checkpoint"),
         ("report", "write report.html"),
     ]:
         p = sub.add_parser(name, help=help_text)
         _add_recipe_args(p)
+        if name == "tokenize":
+            _add_executor_args(p)
         if name == "pretrain":
             p.add_argument(
                 "--resume",
                 action="store_true",
                 help="continue from the newest checkpoint in RUN_DIR/pretrain",
             )
+
+    _add_eval_parser(sub)
+    for name, help_text in [
+        ("sft", "supervised fine-tuning on chat data, from the pretrained model"),
+        ("reward", "train the reward model on preference pairs, from the SFT model"),
+        ("dpo", "direct preference optimisation, from the SFT model"),
+        ("ppo", "PPO against the reward model, from the SFT model"),
+        ("grpo", "GRPO against a reward function, from the SFT model"),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        _add_recipe_args(p)
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help=f"continue from the newest checkpoint in RUN_DIR/{name}",
+        )
 
     p = sub.add_parser("generate", help="sample text from a trained model")
     p.add_argument("path", type=Path, help="run folder or checkpoint")
@@ -85,11 +128,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
 
+    p = sub.add_parser("chat", help="talk to a model in the terminal")
+    p.add_argument("path", type=Path, help="run folder or checkpoint")
+    p.add_argument("--system", default="", help="the system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and a chat page")
+    p.add_argument("path", type=Path, help="run folder or checkpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="clients must send 'Authorization: Bearer KEY'")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoding at once")
+    p.add_argument("--cache-tokens", type=int, default=None, help="KV cache size in tokens")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--model-name", default=None, help="the model id (default: the folder name)")
+    p.add_argument("--drain-seconds", type=float, default=30.0, help="SIGTERM grace period")
+    p.add_argument("--device", default="cpu")
+
     p = sub.add_parser("export", help="write the model in another format")
     p.add_argument("path", type=Path, help="run folder or checkpoint")
-    p.add_argument("--format", choices=["hf"], required=True)
+    p.add_argument("--format", choices=["hf", "gguf"], required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--dtype", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF tensor type"
+    )
+
+    p = sub.add_parser("import-hf", help="a Hugging Face Llama checkpoint as a scratchlm run")
+    p.add_argument("hf_dir", type=Path, help="folder with config.json, safetensors, tokenizer.json")
+    p.add_argument("--run-dir", type=Path, required=True, help="the run folder to write")
     return parser
+
+
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="benchmark scores, validation bits-per-byte and samples of a checkpoint",
+        description="scratchlm eval RUN_OR_CHECKPOINT [--tasks hellaswag,arc_easy,...], or as a "
+        "stage: scratchlm eval [RECIPE] --run-dir DIR (the recipe's eval.tasks, the validation "
+        "split and samples). Results go to RUN/eval/<stage>-<step>.json and RUN/eval/results.json.",
+    )
+    p.add_argument(
+        "target", nargs="?", help="run folder or checkpoint (or a recipe with --run-dir)"
+    )
+    p.add_argument("--run-dir", type=Path, help="the run folder (stage form)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--tasks", help="comma-separated task names (default: the recipe's eval.tasks)")
+    p.add_argument("--data", help="read the one task given from this file (same layout)")
+    p.add_argument("--data-dir", help="folder of the task files (default: eval.data_dir)")
+    p.add_argument("--shots", type=int, help="few-shot examples (default: each task's own)")
+    p.add_argument("--limit", type=int, help="only the first N examples of each task")
+    p.add_argument("--batch-size", type=int, help="rows per forward pass")
+    p.add_argument("--chat", action="store_true", help="prompt through the chat template")
+    p.add_argument("--harness", action="store_true", help="run the tasks in lm-evaluation-harness")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default: pretrain.device)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the scores")
+    p.add_argument(
+        "--write-harness-tasks",
+        type=Path,
+        metavar="DIR",
+        help="write the scratchlm_* lm-evaluation-harness task files for --data-dir into DIR",
+    )
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from scratchlm.evaluate.command import eval_command
+
+    return eval_command(args)
 
 
 def _recipe(args: argparse.Namespace, must_exist: bool = True):
@@ -107,24 +216,44 @@ def _recipe(args: argparse.Namespace, must_exist: bool = True):
     return recipe
 
 
+def _take_run_folder(folder: Path, argv: list[str], what: str = "run folder") -> None:
+    """Before the first write: the folder must be writable and not in use by another process;
+    what an interrupted run left half-written in it goes. Under torchrun, rank 0 does this."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from scratchlm import disk, runlock
+
+    disk.check_writable(folder, what)
+    runlock.acquire(folder, command=" ".join(["scratchlm", *argv]))
+    disk.say_removed(argv[0], *disk.remove_stale(folder, [".tmp-*"]))
+
+
 def _curate(argv: list[str]) -> int:
     if argv[:1] == ["train-quality"]:
         return _train_quality(argv[1:])
     args = build_parser().parse_args(["curate", *argv])
     from scratchlm.curate.pipeline import run_curate
+    from scratchlm.pipeline import curate_summary
 
     only = args.only.split(",") if args.only else None
     if args.run_dir is not None:
         args.recipe = args.recipe or (args.inputs[0] if args.inputs else None)
+        _take_run_folder(args.run_dir, ["curate", *argv])
         recipe = _recipe(args, must_exist=False)
-        run_curate(recipe.data.inputs, args.run_dir / "curated", recipe.curate, only=only)
+        _apply_executor_args(recipe.curate, args)
+        stats = run_curate(recipe.data.inputs, args.run_dir / "curated", recipe.curate, only=only)
+        print(curate_summary(stats))
         return 0
     if not args.inputs or args.out is None:
         raise UserError("curate needs INPUT... --out DIR (or --run-dir DIR)")
     from scratchlm.config import load_recipe
 
     recipe = load_recipe(Path(args.recipe) if args.recipe else None, args.set)
-    run_curate(args.inputs, args.out, recipe.curate, only=only)
+    _apply_executor_args(recipe.curate, args)
+    out = str(args.out) if "://" in args.out else Path(args.out)
+    if isinstance(out, Path):  # object storage has no folder to lock
+        _take_run_folder(out, ["curate", *argv], what="output folder")
+    print(curate_summary(run_curate(args.inputs, out, recipe.curate, only=only)))
     return 0
 
 
@@ -138,7 +267,10 @@ def _train_quality(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, required=True, help="where to write model.bin")
     p.add_argument("--text-separator", default="", help="split plain text files on this")
     args = p.parse_args(argv)
+    from scratchlm import disk
     from scratchlm.curate.quality import train_quality
+
+    disk.check_writable(args.out.parent, "output folder")
 
     result = train_quality(
         args.positive, args.negative, args.out, text_separator=args.text_separator
@@ -168,37 +300,123 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from scratchlm.export.hf import export_run
+    from scratchlm import disk
 
-    out = export_run(args.path, args.out)
+    if args.format == "gguf":
+        from scratchlm.export.gguf import export_gguf_run
+
+        disk.check_writable(args.out.parent, "export folder")
+        out = export_gguf_run(args.path, args.out, args.dtype)
+    else:
+        from scratchlm.export.hf import export_run
+
+        disk.check_writable(args.out, "export folder")
+        out = export_run(args.path, args.out)
     print(f"export: wrote {out}")
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from scratchlm.infer.chat import chat_in_terminal
+
+    chat_in_terminal(
+        args.path,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        device=args.device,
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from scratchlm.serve.server import serve
+
+    serve(
+        args.path,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        cache_tokens=args.cache_tokens,
+        max_queue=args.max_queue,
+        model_name=args.model_name,
+        device=args.device,
+        drain_seconds=args.drain_seconds,
+    )
+    return 0
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from scratchlm.export.hf_import import import_hf
+
+    checkpoint = import_hf(args.hf_dir, args.run_dir)
+    print(f"import-hf: wrote {checkpoint} and {args.run_dir / 'tokenizer.json'}")
+    return 0
+
+
+COMMANDS = {
+    "export": _export,
+    "chat": _chat,
+    "serve": _serve,
+    "import-hf": _import_hf,
+    "eval": _eval,
+}
+
+
+def _print_answers(results: dict) -> None:
+    """Each aligned stage's answers to the recipe's align.prompts, prompt by prompt."""
+    stages = [s for s, r in results.items() if isinstance(r, dict) and r.get("answers")]
+    if not stages:
+        return
+    for i, row in enumerate(results[stages[0]]["answers"]):
+        print(f"\n>>> {row['prompt']}")
+        for stage in stages:
+            answers = results[stage]["answers"]
+            if i < len(answers):
+                print(f"[{stage}] {answers[i]['answer']}")
 
 
 def dispatch(argv: list[str]) -> int:
     if argv[:1] == ["curate"]:
         return _curate(argv[1:])
+    if argv[:1] == ["eval"] and any(a.split("=")[0] == "--tasks" for a in argv):
+        from scratchlm.align.evaluate import eval_command
+
+        return eval_command(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return _generate(args)
-    if args.command == "export":
-        return _export(args)
+    run_dir = getattr(args, "run_dir", None)
+    if args.command not in READ_ONLY and run_dir is not None:
+        if args.command not in ("pipeline", "import-hf") and not run_dir.is_dir():
+            raise UserError(f"run folder not found: {run_dir}")
+        _take_run_folder(run_dir, argv)
+    if args.command in COMMANDS:
+        return COMMANDS[args.command](args)
     from scratchlm import pipeline
 
     if args.command == "pipeline":
-        args.run_dir.mkdir(parents=True, exist_ok=True)
         results = pipeline.run_pipeline(_recipe(args), args.run_dir, until=args.until)
         if "eval" in results:
             ev = results["eval"]
             print(f"\nvalidation bits per byte: {ev['val_bpb']:.4f}")
             for s in ev["samples"]:
                 print(f"\n--- {s['prompt']}{s['completion']}")
+        _print_answers(results)
         if "report" in results:
             print(f"\nreport: {results['report']['report']}")
         return 0
     recipe = _recipe(args)
+    if args.command == "tokenize":
+        _apply_executor_args(recipe.curate, args)
     if args.command == "pretrain":
         pipeline.run_pretrain(recipe, args.run_dir, resume=args.resume)
+    elif args.command in pipeline.ALIGN_STAGES:
+        pipeline.run_align_stage(args.command, recipe, args.run_dir, resume=args.resume)
     else:
         pipeline.RUNNERS[args.command](recipe, args.run_dir)
     return 0
@@ -211,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -220,4 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, TrainingInterrupted):
             print(f"{e.stage}: {e}; continue with --resume", file=sys.stderr)
             return 128 + e.signum
+        if type(e).__name__ == "OutOfMemoryError":  # torch's, outside the training loop
+            first = str(e).splitlines()[0] if str(e) else "out of memory"
+            print(
+                f"error: {first}; use a smaller model or micro_batch_size, or more GPUs",
+                file=sys.stderr,
+            )
+            return 1
         raise

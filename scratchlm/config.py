@@ -95,6 +95,12 @@ class TrainConfig:
     """auto, cpu, cuda, cuda:N or mps."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on GPUs that support it, fp32 otherwise."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss or gradient norm is NaN or infinite is never applied. stop: the run
+    stops there; skip: the step is skipped and counted, and the run goes on."""
+    nonfinite_limit: int = 5
+    """With on_nonfinite = "skip": this many skipped steps in a row stop the run, with a
+    checkpoint."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decay_fraction <= 1.0:
@@ -112,6 +118,182 @@ class PretrainConfig(TrainConfig):
     init_from: str = ""
     """A checkpoint (or run folder) whose model and weights training starts from, instead of a
     freshly initialised [model] (for example one made by `scratchlm import-hf`)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Benchmark tasks scored every eval_every steps during pretraining (cheap ones: hellaswag)."""
+    eval_tasks_limit: int = 200
+    """Examples per in-loop task (the first ones of its file)."""
+
+
+@dataclass
+class AlignConfig:
+    stages: list[Literal["sft", "reward", "dpo", "ppo", "grpo"]] = field(default_factory=list)
+    """The stages after pretraining, in order (for example ["sft", "reward", "ppo"])."""
+    prompts: list[str] = field(
+        default_factory=lambda: ["Give three tips for staying healthy.", "What is a verb?"]
+    )
+    """Chat prompts each generating stage answers at its end (greedy), for the report."""
+    max_new_tokens: int = 64
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    data: list[str] = field(default_factory=lambda: ["data/instruct"])
+    """Chat files (any layout scratchlm.align.formats reads), folders or both."""
+    val_fraction: float = 0.1
+    """Share of prompts held out for validation (the same prompts in every stage)."""
+    max_seq_len: int = 0
+    """Row length in tokens; 0: the model's context."""
+    truncation: Literal["drop_oldest_turns", "none"] = "drop_oldest_turns"
+    """A record too long loses its oldest exchanges ("none": it is set aside)."""
+    init_from: str = ""
+    """The checkpoint to start from; empty: RUN/pretrain."""
+    rows_per_step: int = 16
+    """Packed rows of max_seq_len tokens per optimizer step."""
+    max_steps: int = 300
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    micro_batch_size: int = 16
+    eval_every: int = 100
+    save_every: int = 100
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    data: list[str] = field(default_factory=lambda: ["data/preference"])
+    """Preference files (any layout scratchlm.align.formats reads), folders or both."""
+    val_fraction: float = 0.1
+    max_seq_len: int = 0
+    truncation: Literal["drop_oldest_turns", "none"] = "drop_oldest_turns"
+    init_from: str = ""
+    """The checkpoint to start from; empty: RUN/sft (the reward stage needs SFT first)."""
+    pairs_per_step: int = 32
+    margin: float = 0.0
+    """Bradley-Terry margin for pairs that do not carry their own "margin" field."""
+    max_steps: int = 200
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    micro_batch_size: int = 16
+    eval_every: int = 50
+    save_every: int = 100
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    data: list[str] = field(default_factory=lambda: ["data/preference"])
+    val_fraction: float = 0.1
+    max_seq_len: int = 0
+    truncation: Literal["drop_oldest_turns", "none"] = "drop_oldest_turns"
+    init_from: str = ""
+    """The policy's (and the frozen reference's) start; empty: RUN/sft."""
+    pairs_per_step: int = 32
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0
+    """Conservative DPO: the chance that a pair's label is wrong (sigmoid loss only)."""
+    sft_weight: float = 0.0
+    """Weight of the chosen responses' per-token cross-entropy added to the loss (RPO): it keeps
+    DPO from lowering the likelihood of the chosen responses along with the rejected ones."""
+    max_steps: int = 200
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    micro_batch_size: int = 16
+    eval_every: int = 50
+    save_every: int = 100
+
+
+@dataclass
+class RolloutConfig(TrainConfig):
+    """The keys PPO and GRPO share: where prompts and the policy come from, how responses are
+    sampled, and the clipped policy update."""
+
+    data: list[str] = field(default_factory=list)
+    """Prompt sources: chat, preference or GSM8K-layout files, or `arithmetic[:N]`."""
+    val_fraction: float = 0.1
+    """Share of prompts held out for evaluation: the prompts every stage holds out."""
+    eval_prompts: int = 64
+    """Held-out prompts answered at each evaluation."""
+    init_from: str = ""
+    """The policy's starting checkpoint (or run folder); empty: RUN/sft."""
+    reward_fn: str = ""
+    """A reward function `module:function` called as fn(prompt, response, reference)."""
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    epochs: int = 2
+    """Passes over each rollout batch."""
+    minibatch_size: int = 16
+    """Responses per optimizer step (split into micro_batch_size rows per forward)."""
+    clip_range: float = 0.2
+    """The policy ratio is clipped to [1 - clip_range, 1 + clip_range]."""
+    kl_coef: float = 0.05
+    """Weight of the KL penalty to the reference policy (the frozen starting policy)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    max_skipped_rollouts: int = 5
+    """Rollouts with NaN rewards or logits are skipped; past this many the run stops."""
+
+
+@dataclass
+class PPOConfig(RolloutConfig):
+    data: list[str] = field(default_factory=lambda: ["data/preference"])
+    """The prompts of the reward model's data: answers it knows how to judge."""
+    lr: float = 1e-4
+    """Constant by default (min_lr = lr): sized for models of a few million parameters; large
+    models take far less (OpenRLHF's 7B recipes use 5e-7)."""
+    min_lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_steps: int = 100
+    micro_batch_size: int = 16
+    eval_every: int = 20
+    save_every: int = 50
+    rollout_batch: int = 64
+    """Prompts answered per step (one response each)."""
+    kl_coef: float = 0.2
+    """A small policy learns to please a small reward model with long, unended answers when the
+    KL penalty is weak: at 0.05 the demo's policy drifted 10 nats per answer from SFT and a
+    quarter of its answers never ended; at 0.2, 6 nats and 9% (docs/align.md)."""
+    reward_model: str = ""
+    """The reward model's checkpoint (or run folder); empty: RUN/reward. Unused with reward_fn."""
+    critic_lr: float = 0.0
+    """The value model's peak learning rate; 0: lr."""
+    kl_target: float = 0.0
+    """With a target (in nats per response) the KL coefficient adapts to reach it; 0: fixed."""
+    kl_horizon: int = 10000
+    """Responses over which the adaptive coefficient moves by at most a factor of e^0.2."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    value_clip_range: float = 0.2
+    missing_end_penalty: float = 2.0
+    """Subtracted from the reward of a response with no <|end|> within max_new_tokens."""
+
+
+@dataclass
+class GRPOConfig(RolloutConfig):
+    data: list[str] = field(default_factory=lambda: ["arithmetic"])
+    reward_fn: str = "scratchlm.align.tasks:answer_match"
+    lr: float = 1e-4
+    min_lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_steps: int = 100
+    micro_batch_size: int = 16
+    eval_every: int = 20
+    save_every: int = 50
+    epochs: int = 1
+    minibatch_size: int = 64
+    kl_coef: float = 0.04
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    prompts_per_step: int = 8
+    group_size: int = 8
+    """Responses sampled per prompt (G); advantages are normalised within each group."""
+    scale_rewards: bool = True
+    """Divide each group's centred rewards by their standard deviation."""
 
 
 @dataclass
@@ -122,6 +304,22 @@ class SampleConfig:
     top_k: int = 50
     top_p: float = 0.95
     seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=list)
+    """Benchmark tasks the eval stage runs (docs/evaluate.md lists them)."""
+    limit: int = 0
+    """Examples per task (per subtask for mmlu and blimp), the first in file order; 0: all."""
+    batch_size: int = 32
+    """Rows of up to max_seq_len tokens per forward pass."""
+    data_dir: str = "data/eval"
+    """The task files: the bundled subsets, or a folder of the full files with the same names."""
+    chat: bool = False
+    """Prompt through the chat template (few-shot examples as turns)."""
+    max_gen_toks: int = 256
+    """Longest generation (GSM8K); at most half the model's context."""
 
 
 @dataclass
@@ -145,7 +343,14 @@ class Recipe:
     tokens: TokensConfig = field(default_factory=TokensConfig)
     model: ModelSection = field(default_factory=ModelSection)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -278,5 +483,7 @@ def to_toml(data: dict[str, Any]) -> str:
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:
+    from scratchlm.disk import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_toml(recipe.to_dict()))
+    write_atomic(path, to_toml(recipe.to_dict()).encode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import torch
@@ -11,19 +12,38 @@ from scratchlm.model import ModelConfig, Transformer
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.checkpoint import Checkpoint, load_checkpoint, load_weights
 
-# Later stages refine earlier ones; a run's model is the newest stage that has a checkpoint.
-CHECKPOINT_STAGES = ["ppo", "dpo", "sft", "pretrain"]
+# Later stages refine earlier ones; a run's model is the newest stage that has a checkpoint
+# ("imported": a Hugging Face model brought in by `scratchlm import-hf`).
+CHECKPOINT_STAGES = ["ppo", "grpo", "dpo", "sft", "pretrain", "imported"]
+NOT_GENERATORS = {"reward"}
+"""Stages whose model scores text instead of writing it."""
 
 
 def is_run_dir(path: Path) -> bool:
     return (path / "tokenizer.json").exists() or (path / "recipe.toml").exists()
 
 
+def generator_stages(run_dir: Path) -> list[str]:
+    """The stages whose model can write, in the order they are looked for: the run recipe's
+    align.stages (less the reward model) last first, then stages run outside the recipe's path,
+    then pretrain; without a readable recipe, CHECKPOINT_STAGES."""
+    try:
+        recipe = tomllib.loads((run_dir / "recipe.toml").read_text())
+        stages = recipe.get("align", {}).get("stages", [])
+    except (OSError, tomllib.TOMLDecodeError):
+        return CHECKPOINT_STAGES
+    if not isinstance(stages, list):
+        return CHECKPOINT_STAGES
+    path = [s for s in reversed(stages) if isinstance(s, str) and s not in NOT_GENERATORS]
+    return [*path, *(s for s in CHECKPOINT_STAGES if s not in path)]
+
+
 def latest_checkpoint_dir(run_dir: Path) -> Path:
-    """The stage folder holding the run's newest model."""
+    """The stage folder holding the run's newest model: the last stage of the recipe's path that
+    has a checkpoint."""
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}")
-    for stage in CHECKPOINT_STAGES:
+    for stage in generator_stages(run_dir):
         folder = run_dir / stage
         if folder.is_dir() and any(folder.glob("step-*")):
             return folder

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import itertools
+import importlib
 import json
 import os
 import shutil
@@ -18,10 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from scratchlm.config import Recipe
+from scratchlm.disk import write_atomic
 from scratchlm.errors import UserError
 from scratchlm.paths import resolve
 
 STAGES = ["curate", "tokenizer", "tokenize", "pretrain", "eval", "report"]
+
+ALIGN_STAGES = ["sft", "reward", "dpo", "ppo", "grpo"]
+"""The stages a recipe's align.stages may list; each is the module scratchlm.align.<name> with a
+`run(recipe, run_dir, resume)` function, imported only when the stage runs."""
 
 # The recipe sections each stage depends on (besides the stage before it).
 STAGE_SECTIONS: dict[str, list[str]] = {
@@ -29,9 +34,15 @@ STAGE_SECTIONS: dict[str, list[str]] = {
     "tokenizer": ["tokenizer", "model.vocab_size"],
     "tokenize": ["tokens"],
     "pretrain": ["model", "pretrain", "parallel"],
-    "eval": ["sample"],
+    **{stage: [stage, "parallel"] for stage in ALIGN_STAGES},
+    "eval": ["sample", "eval"],
     "report": [],
 }
+
+
+def run_stages(recipe: Recipe) -> list[str]:
+    """The recipe's stages in order: pretraining's, then align.stages, then eval and report."""
+    return [*STAGES[:4], *recipe.align.stages, *STAGES[4:]]
 
 
 def input_files(patterns: list[str]) -> list[Path]:
@@ -54,7 +65,7 @@ def input_files(patterns: list[str]) -> list[Path]:
 def _section(recipe: dict[str, Any], dotted: str) -> Any:
     node: Any = recipe
     for part in dotted.split("."):
-        node = node[part]
+        node = node.get(part) if isinstance(node, dict) else None
     return node
 
 
@@ -63,11 +74,14 @@ def fingerprint(stage: str, recipe: Recipe, upstream: str) -> str:
     parts: dict[str, Any] = {s: _section(data, s) for s in STAGE_SECTIONS[stage]}
     parts["upstream"] = upstream
     if stage == "curate":
-        parts["files"] = [
-            (str(p), p.stat().st_size, p.stat().st_mtime_ns)
-            for p in input_files(recipe.data.inputs)
-        ]
+        parts["files"] = _file_stats(input_files(recipe.data.inputs))
+    elif stage in ALIGN_STAGES and isinstance(parts[stage], dict) and "data" in parts[stage]:
+        parts["files"] = _file_stats(input_files(parts[stage]["data"]))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_stats(files: list[Path]) -> list[tuple[str, int, int]]:
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
 class StageLog:
@@ -84,18 +98,37 @@ class StageLog:
 
     def record(self, stage: str, fp: str, result: dict[str, Any]) -> None:
         self.entries[stage] = {"fingerprint": fp, "result": result}
-        self.path.write_text(json.dumps(self.entries, indent=2, default=str))
+        self._write()
 
     def forget(self, stages: list[str]) -> None:
         for stage in stages:
             self.entries.pop(stage, None)
-        self.path.write_text(json.dumps(self.entries, indent=2, default=str))
+        self._write()
+
+    def _write(self) -> None:  # in one step: a killed run leaves the old file, never half of it
+        write_atomic(self.path, json.dumps(self.entries, indent=2, default=str).encode())
+
+
+def curate_summary(stats: dict[str, Any]) -> str:
+    """'curate: 4,512 documents in, 4,100 kept (90.9%), 21.3 MB; removed: dedup 300, ...'."""
+    steps = stats["steps"]
+    docs_in = steps[0]["docs_in"] if steps else 0
+    kept = stats["output"]["docs"]
+    top = sorted((s for s in steps if s["docs_removed"]), key=lambda s: -s["docs_removed"])[:3]
+    removed = ", ".join(f"{s['step']} {s['docs_removed']:,}" for s in top) or "none"
+    share = 100 * kept / docs_in if docs_in else 0.0
+    return (
+        f"curate: {docs_in:,} documents in, {kept:,} kept ({share:.1f}%), "
+        f"{stats['output']['bytes'] / 1e6:.1f} MB; most removed by: {removed}"
+    )
 
 
 def run_curate(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     from scratchlm.curate.pipeline import run_curate as curate
 
-    return curate(recipe.data.inputs, run_dir / "curated", recipe.curate)
+    stats = curate(recipe.data.inputs, run_dir / "curated", recipe.curate)
+    print(curate_summary(stats))
+    return stats
 
 
 def run_tokenizer(
@@ -107,12 +140,15 @@ def run_tokenizer(
 
     budget = recipe.tokenizer.max_chars
     source = iter_texts(run_dir / "curated") if texts is None else texts
+    sample: list[str] = []  # the first million characters, for the bytes-per-token figure
 
     def limited() -> Iterator[str]:
         used = 0
         for text in source:
             if used >= budget:
                 return
+            if used < 1_000_000:
+                sample.append(text)
             used += len(text)
             yield text
 
@@ -122,7 +158,18 @@ def run_tokenizer(
         run_dir / "tokenizer.json",
         min_frequency=recipe.tokenizer.min_frequency,
     )
-    return {"vocab_size": tok.vocab_size, "sha256": tok.sha256}
+    n_bytes = sum(len(t.encode()) for t in sample)
+    n_tokens = sum(len(ids) for ids in tok.encode_batch(sample))
+    bytes_per_token = n_bytes / max(n_tokens, 1)
+    print(
+        f"tokenizer: vocabulary of {tok.vocab_size:,} tokens, {bytes_per_token:.2f} bytes per "
+        f"token on {n_bytes / 1e6:.1f} MB of its training text -> {run_dir / 'tokenizer.json'}"
+    )
+    return {
+        "vocab_size": tok.vocab_size,
+        "sha256": tok.sha256,
+        "bytes_per_token": round(bytes_per_token, 3),
+    }
 
 
 def run_tokenize(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
@@ -135,6 +182,13 @@ def run_tokenize(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         run_dir / "tokens",
         val_fraction=recipe.tokens.val_fraction,
         workers=recipe.tokens.workers,
+        executor=recipe.curate.executor,
+        ray_address=recipe.curate.ray_address,
+    )
+    print(
+        f"tokenize: {meta['train_tokens']:,} train tokens ({meta['train_documents']:,} documents), "
+        f"{meta['val_tokens']:,} validation tokens ({meta['val_documents']:,} documents), "
+        f"{meta['bytes'] / max(meta['tokens'], 1):.2f} bytes per token -> {run_dir / 'tokens'}"
     )
     return {k: v for k, v in meta.items() if not isinstance(v, (list, dict))}
 
@@ -143,23 +197,47 @@ def run_pretrain(
     recipe: Recipe, run_dir: Path, resume: bool = False, fingerprint: str = ""
 ) -> dict[str, Any]:
     """Pretrain; a fresh start moves earlier checkpoints to pretrain.prev instead of mixing in."""
-    from scratchlm.train.metrics import drop_rows
     from scratchlm.train.pretrain import pretrain
 
-    stage_dir = run_dir / "pretrain"
+    prepare_stage_dir(run_dir, "pretrain", resume, fingerprint)
+    return pretrain(recipe, run_dir, resume=resume)
+
+
+def prepare_stage_dir(run_dir: Path, stage: str, resume: bool, fingerprint: str = "") -> None:
+    """A fresh start of a training stage moves its earlier checkpoints to <stage>.prev and drops
+    its metrics rows, instead of mixing in; a resume keeps both."""
+    from scratchlm.train.metrics import drop_rows
+
+    stage_dir = run_dir / stage
     # Under torchrun only rank 0 touches the folder; the others wait for it in the process group.
     if int(os.environ.get("RANK", "0")) == 0:
         if not resume and stage_dir.exists() and any(stage_dir.iterdir()):
-            previous = run_dir / "pretrain.prev"
+            previous = run_dir / f"{stage}.prev"
             shutil.rmtree(previous, ignore_errors=True)
             stage_dir.rename(previous)
-            print(f"pretrain: starting afresh; earlier checkpoints moved to {previous}")
+            print(f"{stage}: starting afresh; earlier checkpoints moved to {previous}")
         if not resume:
-            drop_rows(run_dir / "metrics.jsonl", "pretrain")
+            drop_rows(run_dir / "metrics.jsonl", stage)
         stage_dir.mkdir(parents=True, exist_ok=True)
         if fingerprint:
-            (stage_dir / "fingerprint").write_text(fingerprint)
-    return pretrain(recipe, run_dir, resume=resume)
+            write_atomic(stage_dir / "fingerprint", fingerprint.encode())
+
+
+def run_align_stage(
+    stage: str, recipe: Recipe, run_dir: Path, resume: bool = False, fingerprint: str = ""
+) -> dict[str, Any]:
+    """Run an alignment stage (scratchlm.align.<stage>.run); one clear line if it is absent."""
+    try:
+        module = importlib.import_module(f"scratchlm.align.{stage}")
+    except ModuleNotFoundError as e:
+        if e.name != f"scratchlm.align.{stage}":
+            raise
+        raise UserError(
+            f"the {stage} stage is not available in this version of scratchlm "
+            f"(no module scratchlm.align.{stage}); remove it from align.stages"
+        ) from None
+    prepare_stage_dir(run_dir, stage, resume, fingerprint)
+    return module.run(recipe, run_dir, resume=resume)
 
 
 def run_eval(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
@@ -184,24 +262,25 @@ RUNNERS: dict[str, Callable[[Recipe, Path], dict[str, Any]]] = {
 }
 
 
-def _pretrain_finished(run_dir: Path, recipe: Recipe) -> bool | None:
+def _stage_finished(run_dir: Path, stage: str, max_steps: int) -> bool | None:
     """True: the last checkpoint reached max_steps; False: it stopped early; None: no checkpoint."""
-    latest = run_dir / "pretrain" / "latest" / "trainer_state.json"
+    latest = run_dir / stage / "latest" / "trainer_state.json"
     if not latest.is_file():
         return None
     state = json.loads(latest.read_text())
-    return state["step"] >= recipe.pretrain.max_steps
+    return state["step"] >= max_steps
 
 
 def run_pipeline(recipe: Recipe, run_dir: Path, until: str | None = None) -> dict[str, Any]:
     """Run the stages in order up to `until`, skipping those whose fingerprint is unchanged."""
-    if until is not None and until not in STAGES:
-        raise UserError(f"--until {until!r}: expected one of {', '.join(STAGES)}")
+    stages = run_stages(recipe)
+    if until is not None and until not in stages:
+        raise UserError(f"--until {until!r}: expected one of {', '.join(stages)}")
     log = StageLog(run_dir)
     upstream = ""
     results: dict[str, Any] = {}
-    last = STAGES.index(until) if until else len(STAGES) - 1
-    for index, stage in enumerate(itertools.islice(STAGES, last + 1)):
+    last = stages.index(until) if until else len(stages) - 1
+    for index, stage in enumerate(stages[: last + 1]):
         fp = fingerprint(stage, recipe, upstream)
         up_to_date = log.fingerprint(stage) == fp and stage != "report"
         if up_to_date:
@@ -209,9 +288,9 @@ def run_pipeline(recipe: Recipe, run_dir: Path, until: str | None = None) -> dic
             results[stage] = log.entries[stage]["result"]
         else:
             print(f"== {stage}")
-            log.forget(STAGES[index:])
-            if stage == "pretrain":
-                results[stage] = _pipeline_pretrain(recipe, run_dir, fp)
+            log.forget(stages[index:])
+            if stage == "pretrain" or stage in ALIGN_STAGES:
+                results[stage] = _pipeline_training(stage, recipe, run_dir, fp)
             else:
                 results[stage] = RUNNERS[stage](recipe, run_dir)
             log.record(stage, fp, results[stage])
@@ -219,9 +298,17 @@ def run_pipeline(recipe: Recipe, run_dir: Path, until: str | None = None) -> dic
     return results
 
 
-def _pipeline_pretrain(recipe: Recipe, run_dir: Path, fp: str) -> dict[str, Any]:
-    """Resume a pretraining that was stopped with the same config; start afresh otherwise."""
-    marker = run_dir / "pretrain" / "fingerprint"
+def _pipeline_training(stage: str, recipe: Recipe, run_dir: Path, fp: str) -> dict[str, Any]:
+    """Resume a training stage that was stopped with the same config; start afresh otherwise."""
+    marker = run_dir / stage / "fingerprint"
     same_config = marker.is_file() and marker.read_text().strip() == fp
-    resume = same_config and _pretrain_finished(run_dir, recipe) is False
-    return run_pretrain(recipe, run_dir, resume=resume, fingerprint=fp)
+    section = getattr(recipe, stage, None)
+    max_steps = getattr(section, "max_steps", None)
+    resume = (
+        same_config
+        and max_steps is not None
+        and _stage_finished(run_dir, stage, max_steps) is False
+    )
+    if stage == "pretrain":
+        return run_pretrain(recipe, run_dir, resume=resume, fingerprint=fp)
+    return run_align_stage(stage, recipe, run_dir, resume=resume, fingerprint=fp)

@@ -93,30 +93,46 @@ def write_report(recipe: Recipe, run_dir: Path) -> Path:
     results_path = run_dir / "eval" / "results.json"
     if results_path.is_file():
         results = json.loads(results_path.read_text())
+        figures = [("checkpoint", f"{results['stage']} step {results['step']}")]
+        if "val_loss" in results:  # absent when only benchmark tasks were evaluated
+            figures += [
+                ("validation loss (nats/token)", f"{results['val_loss']:.4f}"),
+                ("validation bits per byte", f"{results['val_bpb']:.4f}"),
+            ]
         parts.append("<h2>Final figures</h2>")
-        parts.append(
-            _table(
-                [
-                    ("checkpoint", f"{results['stage']} step {results['step']}"),
-                    ("validation loss (nats/token)", f"{results['val_loss']:.4f}"),
-                    ("validation bits per byte", f"{results['val_bpb']:.4f}"),
-                ]
-            )
-        )
+        parts.append(_table(figures))
         parts.append("<h2>Samples</h2>")
-        for s in results["samples"]:
+        for s in results.get("samples", []):
             parts.append(
                 f"<pre><b>{html.escape(s['prompt'])}</b>{html.escape(s['completion'])}</pre>"
             )
     if fig is not None:
         png = _png_and_save(fig, run_dir / "loss.png")
         parts.append(f'<h2>Loss</h2><img alt="loss curves" src="data:image/png;base64,{png}">')
+    parts.append(_eval_section(run_dir, rows))
     parts.append(_curation_section(run_dir))
+    from scratchlm.align.report import alignment_section
+
+    parts.append(alignment_section(run_dir, recipe.align.stages, rows))
     parts.append(f"<h2>Recipe</h2><pre>{html.escape(to_toml(recipe.to_dict()))}</pre>")
     parts.append("</body></html>")
     out = run_dir / "report.html"
     out.write_text("\n".join(parts))
     return out
+
+
+def _eval_section(run_dir: Path, rows: list[dict[str, Any]]) -> str:
+    from scratchlm.evaluate.report import eval_tables_html, in_loop_figure
+
+    parts = [eval_tables_html(run_dir)]
+    fig = in_loop_figure(rows)
+    if fig is not None:
+        png = _png(fig)
+        parts.append(
+            f'<h3>Task scores during training</h3><img alt="task scores over steps" '
+            f'src="data:image/png;base64,{png}">'
+        )
+    return "\n".join(p for p in parts if p)
 
 
 def _png_and_save(fig: Figure, path: Path) -> str:

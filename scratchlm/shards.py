@@ -8,6 +8,7 @@ and per split. Readers memory-map the files, so a shard costs no RAM until its p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -16,10 +17,11 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from scratchlm import disk
 from scratchlm.documents import read_documents
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import Tokenizer
@@ -34,6 +36,7 @@ SPLITS = ("train", "val")
 # small enough to keep every process busy and the memory of chunks in flight small.
 CHUNK_CHARS = 1 << 20
 CHUNK_DOCS = 2048
+TOKENIZE_AGAIN = "run `scratchlm tokenize` again"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -61,12 +64,15 @@ def write_token_shards(
     seed: int = 0,
     workers: int = 0,
     shard_tokens: int = 2**24,
+    executor: str = "local",
+    ray_address: str = "",
 ) -> dict:
     """Tokenize `doc_files` into train/val shards in `out_dir`; returns meta.json plus the timing.
 
-    The output is the same whatever the number of worker processes (0: one per core). Each shard
-    is written under a .tmp name and renamed when complete, and meta.json, written last, lists
-    the shards, so a crash leaves no folder that looks complete.
+    The output is the same whatever the number of worker processes (0: one per core), and the
+    same on the Ray executor (shards_tasks.py). Each shard is written under a .tmp name and
+    renamed when complete, and meta.json, written last, lists the shards, so a crash leaves no
+    folder that looks complete.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -78,6 +84,19 @@ def write_token_shards(
         if not f.is_file():
             raise UserError(f"documents file {f} does not exist")
     out_dir = Path(out_dir)
+    if executor != "local":
+        from scratchlm.curate.executor import make_executor
+        from scratchlm.shards_tasks import write_token_shards_by_tasks
+
+        return write_token_shards_by_tasks(
+            make_executor(executor, workers, ray_address),
+            doc_files,
+            Path(tokenizer_path),
+            out_dir,
+            val_fraction,
+            seed,
+            shard_tokens,
+        )
     _clear_tokens_dir(out_dir)
     start = time.perf_counter()
 
@@ -86,14 +105,23 @@ def write_token_shards(
     writers = {s: _ShardWriter(out_dir, s, dtype, shard_tokens) for s in SPLITS}
     empty_docs = 0
     chunks = _chunks(doc_files, seed, val_fraction, forced_val, forced_train)
-    for (splits, n_empty), (tokens, lengths, n_bytes) in _tokenize_in_order(
-        chunks, Path(tokenizer_path), workers
-    ):
-        empty_docs += n_empty
-        ends = np.cumsum(lengths)
-        for i, split in enumerate(splits):
-            writers[split].add(tokens[ends[i] - lengths[i] : ends[i]], int(n_bytes[i]))
-    split_meta = {s: w.finish() for s, w in writers.items()}
+    try:
+        for (splits, n_empty), (tokens, lengths, n_bytes) in _tokenize_in_order(
+            chunks, Path(tokenizer_path), workers
+        ):
+            empty_docs += n_empty
+            ends = np.cumsum(lengths)
+            for i, split in enumerate(splits):
+                writers[split].add(tokens[ends[i] - lengths[i] : ends[i]], int(n_bytes[i]))
+        split_meta = {s: w.finish() for s, w in writers.items()}
+    except BaseException as e:  # a full disk, Ctrl-C: no shard is left half-written
+        open_shards = [w.current["file"] for w in writers.values() if w.file is not None]
+        written = sum(w.abort() for w in writers.values())
+        if disk.is_disk_full(e):
+            what = f"token shard {', '.join(open_shards)}"
+            free = disk.free_bytes(out_dir)
+            raise disk.DiskFull(what, out_dir, None, free, TOKENIZE_AGAIN, written) from None
+        raise
     total = sum(m["tokens"] for m in split_meta.values())
     if total == 0:
         raise UserError("cannot tokenize an empty corpus: the documents hold no text")
@@ -117,18 +145,21 @@ def write_token_shards(
         "sources": [str(f) for f in doc_files],
         "splits": split_meta,
     }
-    _atomic_write(out_dir / META_FILE, json.dumps(meta, indent=2).encode())
+    disk.write_atomic(out_dir / META_FILE, json.dumps(meta, indent=2).encode())
     # The timing is returned but kept out of meta.json, so the whole folder is reproducible.
     speed = {"seconds": round(seconds, 3), "mb_per_s": round(total_bytes / 1e6 / seconds, 3)}
     return {**meta, **speed}
 
 
 def _clear_tokens_dir(out_dir: Path) -> None:
-    """Remove the shards of an earlier run: meta.json first, so no reader trusts a mix."""
+    """Remove the shards of an earlier run: meta.json first, so no reader trusts a mix; what a
+    killed run left half-written is named, with the space it freed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / META_FILE).unlink(missing_ok=True)
+    unfinished = [f"{split}-*.bin.tmp" for split in SPLITS] + [".tmp-*", ".tokenize"]
+    disk.say_removed("tokenize", *disk.remove_stale(out_dir, unfinished))
     for split in SPLITS:
-        for path in [*out_dir.glob(f"{split}-*.bin"), *out_dir.glob(f"{split}-*.bin.tmp")]:
+        for path in out_dir.glob(f"{split}-*.bin"):
             path.unlink()
 
 
@@ -270,7 +301,7 @@ def _tokenize_in_order(
 
 class _ShardWriter:
     """Appends documents to one split's shards, starting a new shard at a document boundary once
-    the current one holds `shard_tokens` tokens."""
+    the current one holds `shard_tokens` tokens. A shard is NAME.tmp until complete."""
 
     def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
         self.out_dir = out_dir
@@ -278,29 +309,43 @@ class _ShardWriter:
         self.dtype = dtype
         self.shard_tokens = shard_tokens
         self.shards: list[dict] = []
-        self.file: Any = None
+        self.file: contextlib.AbstractContextManager | None = None
         self.current: dict = {}
 
     def add(self, tokens: np.ndarray, n_bytes: int) -> None:
         if self.file is None:
             name = f"{self.split}-{len(self.shards):05d}.bin"
             self.current = {"file": name, "tokens": 0, "documents": 0, "bytes": 0}
-            self.file = open(self.out_dir / (name + ".tmp"), "wb")
-        self.file.write(tokens.astype(self.dtype, copy=False).tobytes())
+            self.file = disk.open_file(self._tmp())
+            self.out = self.file.__enter__()
+        self.out.write(tokens.astype(self.dtype, copy=False).tobytes())
         self.current["tokens"] += len(tokens)
         self.current["documents"] += 1
         self.current["bytes"] += n_bytes
         if self.current["tokens"] >= self.shard_tokens:
             self._close_shard()
 
+    def _tmp(self) -> Path:
+        return self.out_dir / (self.current["file"] + ".tmp")
+
     def _close_shard(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        self.file = None
+        assert self.file is not None
+        file, self.file = self.file, None
+        file.__exit__(None, None, None)  # flushed and synced to the disk
         name = self.current["file"]
         os.replace(self.out_dir / (name + ".tmp"), self.out_dir / name)
         self.shards.append(self.current)
+
+    def abort(self) -> int:
+        """After an error: remove the shard being written; returns the bytes it had reached."""
+        if self.file is None:
+            return 0
+        file, self.file = self.file, None
+        with contextlib.suppress(Exception):  # its last writes may fail again
+            file.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        written = disk.tree_bytes(self._tmp())
+        disk.remove(self._tmp())
+        return written
 
     def finish(self) -> dict:
         if self.file is not None:
@@ -311,15 +356,6 @@ class _ShardWriter:
             "bytes": sum(s["bytes"] for s in self.shards),
             "shards": self.shards,
         }
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -345,32 +381,75 @@ def read_meta(tokens_dir: Path) -> dict:
 
 def check_tokenizer(meta: dict, tokenizer: Tokenizer) -> None:
     """Shards are only meaningful with the tokenizer that wrote them."""
-    if meta.get("tokenizer_sha256") != tokenizer.sha256:
+    written = str(meta.get("tokenizer_sha256", ""))
+    if written != tokenizer.sha256:
         raise UserError(
-            f"the token shards were written with another tokenizer than {tokenizer.path}; "
-            "rerun `scratchlm tokenize`"
+            f"the token shards were written with another tokenizer (sha256 {written[:12]}) than "
+            f"{tokenizer.path} (sha256 {tokenizer.sha256[:12]}): the tokenizer changed after "
+            "tokenizing; rerun `scratchlm tokenize`"
         )
 
 
-class TokenStream:
-    """One split's shards as a single read-only token array, memory-mapped."""
-
-    def __init__(self, tokens_dir: Path, split: str) -> None:
-        meta = read_meta(tokens_dir)
-        if split not in meta["splits"]:
-            raise UserError(
-                f"{tokens_dir} has no split {split!r} (it has {', '.join(meta['splits'])})"
-            )
+def open_split(tokens_dir: Path, meta: dict, split: str) -> list[np.ndarray]:
+    """The shards of one split, memory-mapped, after checking that the folder is what meta.json
+    says: every listed shard there at its exact size and ending with <|eos|> (a document never
+    spans two shards), the counts adding up, no shard of another tokenize run beside them. A
+    damaged folder is one line naming the file, never silently wrong training."""
+    tokens_dir = Path(tokens_dir)
+    rerun = "rerun `scratchlm tokenize`"
+    if split not in meta.get("splits", {}):
+        raise UserError(f"{tokens_dir} has no split {split!r} (it has {', '.join(meta['splits'])})")
+    try:
         dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-        self.parts: list[np.ndarray] = []
-        for shard in meta["splits"][split]["shards"]:
-            path = Path(tokens_dir) / shard["file"]
-            expected = shard["tokens"] * dtype.itemsize
-            if not path.is_file() or path.stat().st_size != expected:
-                raise UserError(
-                    f"shard {path} is missing or not {expected} bytes; rerun `scratchlm tokenize`"
-                )
-            self.parts.append(np.memmap(path, dtype=dtype, mode="r"))
+        shards = meta["splits"][split]["shards"]
+        listed = sum(int(shard["tokens"]) for shard in shards)
+        total = int(meta["splits"][split]["tokens"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{tokens_dir / META_FILE} is damaged (no valid {e}); {rerun}") from None
+    if listed != total:
+        raise UserError(
+            f"{tokens_dir / META_FILE} is inconsistent: the {split} shards it lists hold {listed} "
+            f"tokens, but it counts {total}; {rerun}"
+        )
+    names = {shard["file"] for shard in shards}
+    strays = sorted(p.name for p in tokens_dir.glob(f"{split}-*.bin") if p.name not in names)
+    if strays:
+        raise UserError(
+            f"{tokens_dir / META_FILE} does not list {', '.join(strays)}: the folder mixes shards "
+            f"of two tokenize runs; {rerun}"
+        )
+    parts = []
+    for shard in shards:
+        path = tokens_dir / shard["file"]
+        expected = int(shard["tokens"]) * dtype.itemsize
+        if not path.is_file():
+            raise UserError(f"token shard {path} is missing; {rerun}")
+        size = path.stat().st_size
+        if size != expected:
+            how = "the shard is truncated" if size < expected else "the shard is longer"
+            raise UserError(
+                f"token shard {path} has {size} bytes, but meta.json lists {shard['tokens']} "
+                f"tokens ({expected} bytes): {how}, or meta.json is not its own; {rerun}"
+            )
+        part = np.memmap(path, dtype=dtype, mode="r") if size else np.empty(0, dtype)
+        if len(part) and "eos_id" in meta and int(part[-1]) != meta["eos_id"]:
+            raise UserError(
+                f"token shard {path} does not end with <|eos|> (token {meta['eos_id']}): its end "
+                f"is damaged; {rerun}"
+            )
+        parts.append(part)
+    return parts
+
+
+class TokenStream:
+    """One split's shards as a single read-only token array, memory-mapped. Opening it checks the
+    folder (`open_split`) and, given the tokenizer, that the shards were written with it."""
+
+    def __init__(self, tokens_dir: Path, split: str, tokenizer: Tokenizer | None = None) -> None:
+        meta = read_meta(tokens_dir)
+        if tokenizer is not None:
+            check_tokenizer(meta, tokenizer)
+        self.parts = open_split(tokens_dir, meta, split)
         self.starts = np.cumsum([0] + [len(p) for p in self.parts])
         self.meta = meta
 
@@ -407,6 +486,10 @@ class TokenLoader:
     `global_batch` windows of that order (running on into the next epoch), and data-parallel rank
     r gets rows [r * global_batch / dp_size, (r + 1) * global_batch / dp_size): the sequence of
     global batches, and so the loss curve, depends only on the seed, not on the number of ranks.
+
+    Opening it checks the folder against meta.json (`open_split`) and, given the tokenizer, that
+    the shards were written with it; a saved position records both, so a resume on other data
+    is refused.
     """
 
     def __init__(
@@ -418,6 +501,7 @@ class TokenLoader:
         dp_rank: int = 0,
         dp_size: int = 1,
         seed: int = 0,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         if seq_len < 1 or global_batch < 1:
             raise UserError(f"seq_len ({seq_len}) and global batch ({global_batch}) must be >= 1")
@@ -428,7 +512,7 @@ class TokenLoader:
             )
         if not 0 <= dp_rank < dp_size:
             raise UserError(f"dp_rank {dp_rank} is outside 0..{dp_size - 1}")
-        self.stream = TokenStream(tokens_dir, split)
+        self.stream = TokenStream(tokens_dir, split, tokenizer)
         if len(self.stream) < seq_len + 1:
             raise UserError(
                 f"the {split} split holds {len(self.stream)} tokens, fewer than one window of "
@@ -477,11 +561,14 @@ class TokenLoader:
             "seed": self.seed,
             "seq_len": self.seq_len,
             "tokens": len(self.stream),
+            "tokenizer_sha256": self.stream.meta.get("tokenizer_sha256"),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken (any global batch or number of ranks)."""
-        for key in ("split", "seed", "seq_len", "tokens"):
+        for key in ("split", "seed", "seq_len", "tokens", "tokenizer_sha256"):
+            if key not in state and key == "tokenizer_sha256":  # saved before it was recorded
+                continue
             if state.get(key) != self.state_dict()[key]:
                 raise UserError(
                     f"the saved data-loader position is for {key}={state.get(key)!r}, but this "

@@ -8,6 +8,7 @@ Unicode string maps to tokens and back without loss.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from scratchlm import disk
 from scratchlm.errors import UserError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -100,9 +102,10 @@ def train_tokenizer(
         raise UserError("cannot train a tokenizer on an empty corpus: the documents hold no text")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tok.save(str(tmp))
-    tmp.replace(out_path)
+    tmp = out_path.with_name(f".tmp-{out_path.name}-{os.getpid()}")
+    with disk.writing(out_path.name, out_path.parent, None, [tmp], then="train it again"):
+        tok.save(str(tmp))
+        tmp.replace(out_path)
     return Tokenizer.load(out_path)
 
 

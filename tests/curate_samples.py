@@ -33,13 +33,13 @@ def write_jsonl(path: Path, records: list, compress: str = "") -> Path:
     return path
 
 
-def write_warc(path: Path, pages: list[tuple[str, bytes, str]]) -> Path:
-    """A gzipped WARC of HTTP responses (url, body, content type)."""
+def write_warc(path: Path, pages: list[tuple[str, bytes, str]], gzip: bool = True) -> Path:
+    """A WARC of HTTP responses (url, body, content type), gzipped per record by default."""
     from warcio.statusandheaders import StatusAndHeaders
     from warcio.warcwriter import WARCWriter
 
     with open(path, "wb") as f:
-        writer = WARCWriter(f, gzip=True)
+        writer = WARCWriter(f, gzip=gzip)
         for url, body, content_type in pages:
             headers = StatusAndHeaders(
                 "200 OK", [("Content-Type", content_type)], protocol="HTTP/1.1"

@@ -90,16 +90,31 @@ def test_fineweb_rules():
 
 def test_normalize():
     cfg = CurateConfig()
-    text, rejection, replaced = normalize(
-        "  Cafe\u0301\u00a0 bar\x07 \r\n\n\n\nnext\u200b line  ", cfg
-    )
-    assert (text, rejection, replaced) == ("Café bar\n\nnext line", None, 0)
+    result = normalize("  Cafe\u0301\u00a0 bar\x07 \r\n\n\n\nnext\u200b line  ", cfg)
+    assert result == ("Café bar\n\nnext line", None, 0, False)
     assert normalize(" \n\t ", cfg)[1] == ("empty document", 0.0)
     assert normalize("x" * 2_000_000, cfg)[1] == ("line too long", 2_000_000.0)
     bad_bytes = b"\xff\xfe\x00\x81" * 100 + b"some text"
     assert normalize(bad_bytes.decode("utf-8", "replace"), cfg)[1][0] == "invalid utf-8"
-    text, rejection, replaced = normalize("caf\ufffd au lait is good " * 5, cfg)
+    text, rejection, replaced, _ = normalize("caf\ufffd au lait is good " * 5, cfg)
     assert rejection is None and replaced == 5
+
+
+def test_normalize_repairs_mojibake():
+    cfg = CurateConfig()
+    # As in the bundled TinyStories: UTF-8 read as Windows-1252, the closing quote's last byte lost.
+    text = (
+        "she said, \u00e2\u20ac\u0153hi!\u00e2\u20ac "
+        "he said \u00e2\u20ac\u02dcno\u00e2\u20ac\u2122."
+    )
+    assert normalize(text, cfg) == (
+        "she said, \u201chi!\u201d he said \u2018no\u2019.",
+        None,
+        0,
+        True,
+    )
+    assert normalize("fish &amp; chips \u201cfine\u201d", cfg)[0] == "fish & chips \u201cfine\u201d"
+    assert normalize("plain ascii text", cfg)[3] is False
 
 
 def test_html_to_text_drops_boilerplate():

@@ -178,3 +178,20 @@ def test_report_helpers(curated):
         1 <= len(v) <= 3 and {"id", "reason", "score", "text"} <= set(v[0])
         for v in examples.values()
     )
+
+
+def test_local_executor_needs_neither_ray_nor_fsspec(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from scratchlm.curate.config import CurateConfig\n"
+        "from scratchlm.curate.pipeline import run_curate\n"
+        f"run_curate([{str(C4_SAMPLE)!r}], {str(tmp_path / 'o')!r}, CurateConfig(workers=2),"
+        " progress=False)\n"
+        "print(sorted(m for m in ('ray', 'fsspec', 's3fs') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

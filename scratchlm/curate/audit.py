@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import zstandard
+
+from scratchlm.curate import storage
+from scratchlm.errors import RunFault
 
 REJECT_TEXT_LIMIT = 100_000
 """Rejected texts longer than this are cut in the audit files (a 10 MB line is not kept)."""
@@ -93,22 +95,22 @@ def merge_stats(parts: list[dict], order: list[str]) -> dict:
 
 class RejectWriters:
     """rejected/<step>/<part name>: one zstd JSON Lines file per step, opened on first use and
-    renamed into place on close, so a crash never leaves a half-written file under its real name."""
+    put in place on close (storage.open_write), so a crash never leaves a half-written file under
+    its real name."""
 
-    def __init__(self, root: Path, part_name: str) -> None:
+    def __init__(self, root: str, part_name: str) -> None:
         self.root = root
         self.part_name = part_name
-        self.open: dict[str, tuple[Path, object, object]] = {}
+        self.open: dict[str, tuple[object, object]] = {}
 
     def write(
         self, step: str, doc: dict, reason: str, score: float, duplicate_of: str | None = None
     ) -> None:
         if step not in self.open:
-            path = self.root / step / self.part_name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            raw = open(tmp, "wb")
-            self.open[step] = (path, raw, zstandard.ZstdCompressor(level=3).stream_writer(raw))
+            target = storage.open_write(storage.join(self.root, step, self.part_name))
+            raw = target.__enter__()
+            writer = zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
+            self.open[step] = (target, writer)
         text = doc.get("text", "")
         meta = dict(doc.get("meta") or {})
         if len(text) > REJECT_TEXT_LIMIT:
@@ -123,10 +125,22 @@ class RejectWriters:
         }
         if duplicate_of is not None:
             record["duplicate_of"] = duplicate_of
-        self.open[step][2].write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        self.open[step][1].write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
 
-    def close(self) -> None:
-        for path, _raw, writer in self.open.values():
-            writer.close()  # closes the raw file too
-            path.with_name(path.name + ".tmp").replace(path)
+    def close(self, error: BaseException | None = None) -> None:
+        """Put the files in place; after an error (the caller's, or one met closing, such as a
+        full disk), discard every file not yet in place and raise the first one met here."""
+        failure: BaseException | None = None
+        for target, writer in self.open.values():
+            try:
+                writer.close()
+            except Exception as e:
+                failure = failure or e
+            cause = error or failure
+            try:
+                target.__exit__(None if cause is None else type(cause), cause, None)
+            except Exception as e:  # open_write names a full disk: the better error to show
+                failure = e if failure is None or isinstance(e, RunFault) else failure
         self.open.clear()
+        if failure is not None and error is None:
+            raise failure

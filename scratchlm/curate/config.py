@@ -8,6 +8,7 @@ datatrove's C4QualityFilter) and FineWeb (Penedo et al. 2024, datatrove's FineWe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from scratchlm.errors import UserError
 
@@ -150,5 +151,22 @@ class CurateConfig:
     ip_placeholder: str = "<IP>"
 
     # Execution
+    executor: Literal["local", "ray"] = "local"
+    """local: processes on this machine; ray: tasks on a Ray cluster (pip install 'scratchlm[ray]').
+    Also used by `scratchlm tokenize`. The results are the same."""
+    ray_address: str = ""
+    """The Ray cluster: "" starts one on this machine for the run, "auto" joins the cluster this
+    machine is part of, "HOST:PORT" joins that one."""
     workers: int = 0
-    """Processes over input shards; 0 means one per core."""
+    """Tasks run at once: processes (local) or Ray tasks; 0 means one per core of the machine or
+    of the Ray cluster."""
+    shard_bytes: int = 64 * 2**20
+    """Uncompressed JSON Lines, WARC/WET (plain or gzipped per record) and Parquet files larger
+    than this are split into ranges of about this size, read by separate tasks; 0: never split."""
+    dedup_docs_per_task: int = 100_000
+    """Documents per dedup task (shuffle partitions and map groups hold about this many), which
+    bounds each task's memory (about 60 MB per 100,000 documents); results do not depend on it."""
+
+
+EXECUTION_KEYS = {"executor", "ray_address", "workers"}
+"""Keys that change how a run executes, never its results."""

@@ -37,7 +37,7 @@ def _chunks(inputs: list[str], cfg: CurateConfig, chunk_words: int) -> Iterator[
         for doc in read_shard(shard, cfg):
             if "reason" in doc or doc["meta"].get("format") == "html":
                 continue
-            text, rejection, _ = normalize(doc["text"], cfg)
+            text, rejection, *_ = normalize(doc["text"], cfg)
             if rejection is not None:
                 continue
             words = _PUNCT.sub(r" \1 ", text.lower()).split()  # all of it: prepare() truncates

@@ -1,15 +1,15 @@
-"""Readers: input files, folders and globs to a stream of documents.
+"""Readers: input files, folders and globs (local paths or fsspec URLs) to a stream of documents.
 
-A shard is one input file (or all .html files of one folder): the unit of parallel work and of
-resuming. Readers never raise on bad content: a record they cannot use comes out as a document
-with a "reason" (and the pipeline sets it aside under rejected/read/). Only a path that does not
-exist, or a file whose format is unknown, is a UserError.
+A shard is one input file, one byte range of a large file (see ranges.py), or all .html files of
+one folder: the unit of parallel work and of resuming. Readers never raise on bad content: a
+record they cannot use comes out as a document with a "reason" (and the pipeline sets it aside
+under rejected/read/). Only a path that does not exist, or a file whose format is unknown, is a
+UserError.
 """
 
 from __future__ import annotations
 
 import codecs
-import glob
 import gzip
 import io
 import json
@@ -17,11 +17,12 @@ import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import IO
 
 import zstandard
 
+from scratchlm.curate import ranges, storage
 from scratchlm.curate.config import CurateConfig
 from scratchlm.errors import UserError
 
@@ -49,73 +50,115 @@ class Shard:
     name: str
     """Stable source name: the path as found, used in document ids."""
     fmt: str
-    paths: list[Path] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    start: int = 0
+    """First byte (JSON Lines, WARC) or row group (Parquet) of the range this shard reads."""
+    end: int = -1
+    """End of the range, exclusive; -1: the end of the file."""
 
 
-def detect_format(path: Path) -> str | None:
-    suffixes = [s.lower() for s in path.suffixes]
+def detect_format(path: str) -> str | None:
+    suffixes = [s.lower() for s in PurePosixPath(str(path)).suffixes]
     if suffixes and suffixes[-1] in COMPRESSIONS:
         suffixes = suffixes[:-1]
     return FORMAT_SUFFIXES.get(suffixes[-1]) if suffixes else None
 
 
-def find_shards(inputs: list[str]) -> tuple[list[Shard], dict[str, int]]:
+def find_shards(inputs: list[str], shard_bytes: int = 0) -> tuple[list[Shard], dict[str, int]]:
     """The shards of the inputs, in a stable order, and counts of files skipped inside folders.
 
+    Files larger than shard_bytes (0: no limit) are split into ranges where their format allows.
     Raises UserError for a path or glob that matches nothing, or a named file of unknown format.
     """
     shards: list[Shard] = []
     skipped: dict[str, int] = {}
     known = ", ".join(sorted({*FORMAT_SUFFIXES, *COMPRESSIONS}))
     for spec in inputs:
+        spec = str(spec)
         if any(c in spec for c in "*?["):
-            paths = [Path(p) for p in sorted(glob.glob(spec, recursive=True))]
+            paths = storage.glob(spec)
             if not paths:
                 raise UserError(f"input glob {spec!r} matches no files")
         else:
-            paths = [Path(spec)]
-            if not paths[0].exists():
+            paths = [spec]
+            if not storage.exists(spec):
                 raise UserError(f"input not found: {spec}")
         for path in paths:
-            if path.is_dir():
-                _add_folder(path, shards, skipped)
+            if storage.is_dir(path):
+                _add_folder(path, shards, skipped, shard_bytes)
             elif detect_format(path) is None:
                 raise UserError(f"cannot read {path}: unknown format (known suffixes: {known})")
             else:
-                shards.append(Shard(str(path), detect_format(path) or "", [path]))
+                shards.extend(_file_shards(path, detect_format(path) or "", shard_bytes))
     if not shards:
         raise UserError(f"no readable files in {', '.join(inputs)} (known suffixes: {known})")
     return shards, skipped
 
 
-def _add_folder(folder: Path, shards: list[Shard], skipped: dict[str, int]) -> None:
-    if (folder / "stats.json").is_file() and any(folder.glob("part-*.jsonl.zst")):
+def _file_shards(path: str, fmt: str, shard_bytes: int) -> list[Shard]:
+    if shard_bytes > 0 and fmt == "parquet":
+        return [Shard(path, fmt, [path], a, b) for a, b in _row_group_ranges(path, shard_bytes)]
+    if shard_bytes > 0 and ranges.splittable(path, fmt):
+        return [
+            Shard(path, fmt, [path], a, b)
+            for a, b in ranges.byte_ranges(storage.size(path), shard_bytes)
+        ]
+    return [Shard(path, fmt, [path])]
+
+
+def _row_group_ranges(path: str, shard_bytes: int) -> list[tuple[int, int]]:
+    """Runs of consecutive row groups of about shard_bytes (compressed) each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with storage.open_read(path) as f:
+            meta = pq.ParquetFile(f).metadata
+    except (pa.ArrowException, OSError):
+        return [(0, -1)]  # the reader sets the file aside with its reason
+    out: list[tuple[int, int]] = []
+    first, acc = 0, 0
+    for i in range(meta.num_row_groups):
+        acc += meta.row_group(i).total_byte_size
+        if acc >= shard_bytes and i + 1 < meta.num_row_groups:
+            out.append((first, i + 1))
+            first, acc = i + 1, 0
+    return [*out, (first, -1)]
+
+
+def _add_folder(
+    folder: str, shards: list[Shard], skipped: dict[str, int], shard_bytes: int
+) -> None:
+    files = storage.list_files(folder)
+    parts = [p for p in files if re.fullmatch(r"part-\d+\.jsonl\.zst", storage.name_of(p))]
+    if storage.join(folder, "stats.json") in files and parts:
         # The output of an earlier curate run: its documents, not its rejected/ audit files.
-        shards.extend(Shard(str(p), "jsonl", [p]) for p in sorted(folder.glob("part-*.jsonl.zst")))
+        top = [p for p in parts if storage.parent(p).rstrip("/") == folder.rstrip("/")]
+        shards.extend(Shard(p, "jsonl", [p]) for p in top)
         return
-    html_by_dir: dict[Path, list[Path]] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+    html_by_dir: dict[str, list[str]] = {}
+    for path in files:
+        if any(part.startswith(".") for part in storage.relative_parts(path, folder)):
             continue
         fmt = detect_format(path)
         if fmt is None:
             skipped["unknown format"] = skipped.get("unknown format", 0) + 1
         elif fmt == "html":
-            html_by_dir.setdefault(path.parent, []).append(path)
+            html_by_dir.setdefault(storage.parent(path), []).append(path)
         else:
-            shards.append(Shard(str(path), fmt, [path]))
+            shards.extend(_file_shards(path, fmt, shard_bytes))
     for parent, paths in sorted(html_by_dir.items()):
-        shards.append(Shard(str(parent), "html", paths))
+        shards.append(Shard(parent, "html", paths))
 
 
-def open_binary(path: Path) -> IO[bytes]:
+def open_binary(path: str) -> IO[bytes]:
     """The decompressed bytes of a file (gzip or zstd by suffix)."""
-    suffix = path.suffix.lower()
+    suffix = PurePosixPath(path).suffix.lower()
     if suffix == ".gz":
-        return gzip.open(path, "rb")
+        return gzip.GzipFile(fileobj=storage.open_read(path), mode="rb")
     if suffix == ".zst":
-        return io.BufferedReader(_ZstdReader(open(path, "rb")))
-    return open(path, "rb")
+        return io.BufferedReader(_ZstdReader(storage.open_read(path)))
+    return storage.open_read(path)
 
 
 class _ZstdReader(io.RawIOBase):
@@ -181,19 +224,25 @@ def read_shard(shard: Shard, cfg: CurateConfig) -> Iterator[dict]:
             yield from _read_html_file(path)
         return
     path = shard.paths[0]
-    reader = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet}.get(shard.fmt)
-    if reader is None:
+    if shard.fmt == "warc":
         from scratchlm.curate.warc import read_warc
 
-        yield from read_warc(path, shard.name)
+        yield from read_warc(path, shard.name, shard.start, shard.end)
         return
+    if shard.fmt == "jsonl" and ranges.splittable(path, "jsonl"):
+        yield from _read_jsonl_range(path, shard.name, cfg, shard.start, shard.end)
+        return
+    if shard.fmt == "parquet":
+        yield from _read_parquet(path, shard.name, cfg, shard.start, shard.end)
+        return
+    reader = {"text": _read_text, "jsonl": _read_jsonl}[shard.fmt]
     try:
         yield from reader(path, shard.name, cfg)
     except STREAM_ERRORS as e:
         yield bad(f"{shard.name}:end", "truncated or corrupt input", str(e))
 
 
-def _sniffed_text(path: Path, source: str) -> tuple[IO[str] | None, dict | None]:
+def _sniffed_text(path: str, source: str) -> tuple[IO[str] | None, dict | None]:
     stream = open_binary(path)
     buffered = io.BufferedReader(stream) if not isinstance(stream, io.BufferedReader) else stream
     head = buffered.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES]
@@ -203,7 +252,7 @@ def _sniffed_text(path: Path, source: str) -> tuple[IO[str] | None, dict | None]
     return io.TextIOWrapper(buffered, encoding="utf-8", errors="replace", newline=""), None
 
 
-def _read_text(path: Path, source: str, cfg: CurateConfig) -> Iterator[dict]:
+def _read_text(path: str, source: str, cfg: CurateConfig) -> Iterator[dict]:
     text_io, rejected = _sniffed_text(path, source)
     if text_io is None:
         yield rejected  # type: ignore[misc]
@@ -263,7 +312,7 @@ def split_stream(
             return
 
 
-def _read_jsonl(path: Path, source: str, cfg: CurateConfig) -> Iterator[dict]:
+def _read_jsonl(path: str, source: str, cfg: CurateConfig) -> Iterator[dict]:
     text_io, rejected = _sniffed_text(path, source)
     if text_io is None:
         yield rejected  # type: ignore[misc]
@@ -278,6 +327,35 @@ def _read_jsonl(path: Path, source: str, cfg: CurateConfig) -> Iterator[dict]:
                 yield bad(f"{source}:{lineno}", "invalid json", line)
                 continue
             yield _doc_from_record(obj, f"{source}:{lineno}", source, cfg, line)
+
+
+def _read_jsonl_range(
+    path: str, source: str, cfg: CurateConfig, start: int, end: int
+) -> Iterator[dict]:
+    """The records of an uncompressed JSON Lines file that start in [start, end); their fallback
+    ids are byte offsets (a range does not know its line numbers)."""
+    with storage.open_read(path) as f:
+        if looks_binary(f.read(BINARY_SNIFF_BYTES)):
+            if start == 0:
+                yield bad(source, "binary file", "", 1.0)
+            return
+        offset = ranges.first_line_start(f, start)
+        f.seek(offset)
+        while end < 0 or offset < end:
+            raw = f.readline()
+            if not raw:
+                return
+            line = raw.decode("utf-8", errors="replace")
+            doc_id = f"{source}@{offset}"
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                yield bad(doc_id, "invalid json", line)
+                continue
+            yield _doc_from_record(obj, doc_id, source, cfg, line)
 
 
 def _doc_from_record(
@@ -296,28 +374,36 @@ def _doc_from_record(
     return {"id": str(doc_id) if doc_id is not None else fallback_id, "text": text, "meta": meta}
 
 
-def _read_parquet(path: Path, source: str, cfg: CurateConfig) -> Iterator[dict]:
+def _read_parquet(
+    path: str, source: str, cfg: CurateConfig, first: int = 0, end: int = -1
+) -> Iterator[dict]:
+    """The rows of row groups [first, end) (-1: to the last)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        f = storage.open_read(path)
+        pf = pq.ParquetFile(f)
     except (pa.ArrowException, OSError) as e:
-        yield bad(source, "unreadable parquet", str(e))
+        if first == 0:
+            yield bad(source, "unreadable parquet", str(e))
         return
-    names = pf.schema_arrow.names
-    if cfg.text_field not in names:
-        yield bad(source, f"missing text field {cfg.text_field!r}", ", ".join(names))
-        return
-    columns = [cfg.text_field] + ([cfg.id_field] if cfg.id_field in names else [])
-    row = 0
-    try:
-        for batch in pf.iter_batches(batch_size=1024, columns=columns):
-            for rec in batch.to_pylist():
-                yield _doc_from_record(rec, f"{source}:{row}", source, cfg, "")
-                row += 1
-    except (pa.ArrowException, OSError) as e:
-        yield bad(f"{source}:{row}", "truncated or corrupt input", str(e))
+    with f:
+        names = pf.schema_arrow.names
+        if cfg.text_field not in names:
+            if first == 0:
+                yield bad(source, f"missing text field {cfg.text_field!r}", ", ".join(names))
+            return
+        columns = [cfg.text_field] + ([cfg.id_field] if cfg.id_field in names else [])
+        groups = list(range(first, pf.metadata.num_row_groups if end < 0 else end))
+        row = sum(pf.metadata.row_group(i).num_rows for i in range(first))
+        try:
+            for batch in pf.iter_batches(batch_size=1024, columns=columns, row_groups=groups):
+                for rec in batch.to_pylist():
+                    yield _doc_from_record(rec, f"{source}:{row}", source, cfg, "")
+                    row += 1
+        except (pa.ArrowException, OSError) as e:
+            yield bad(f"{source}:{row}", "truncated or corrupt input", str(e))
 
 
 _META_CHARSET = re.compile(rb"""<meta[^>]{0,200}?charset=["']?([A-Za-z0-9_\-:.]+)""", re.I)
@@ -345,8 +431,8 @@ def decode_html(body: bytes, declared: str | None = None) -> str:
         return body.decode(guess.encoding if guess else "utf-8", errors="replace")
 
 
-def _read_html_file(path: Path) -> Iterator[dict]:
-    source = str(path)
+def _read_html_file(path: str) -> Iterator[dict]:
+    source = path
     try:
         with open_binary(path) as f:
             body = f.read()

@@ -67,7 +67,8 @@ def step_html(doc: dict, ctx: StepContext) -> Rejection | None:
 
 
 def step_normalize(doc: dict, ctx: StepContext) -> Rejection | None:
-    text, rejection, replaced = normalize(doc["text"], ctx.cfg)
+    text, rejection, replaced, repaired = normalize(doc["text"], ctx.cfg)
+    ctx.counters["docs_mojibake_repaired"] += repaired
     ctx.counters["replacement_chars"] += replaced
     if replaced:
         ctx.counters["docs_with_replacement_chars"] += 1

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
+from scratchlm.curate import ranges, storage
 from scratchlm.curate.readers import bad, decode_html
 
 _CHARSET = re.compile(r"charset=([A-Za-z0-9_\-:.]+)", re.I)
@@ -16,22 +16,30 @@ def _charset(content_type: str | None) -> str | None:
     return m.group(1) if m else None
 
 
-def read_warc(path: Path, source: str) -> Iterator[dict]:
-    """HTML responses (to be extracted by the html step) and WET conversion records (plain text).
+def read_warc(path: str, source: str, start: int = 0, end: int = -1) -> Iterator[dict]:
+    """HTML responses (to be extracted by the html step) and WET conversion records (plain text)
+    of the records that start in [start, end) (-1: to the end of the file).
 
     Other records (requests, metadata, images...) are not documents and are passed over. A file
     that ends early or breaks the WARC framing yields a bad record and ends the shard there.
     """
     from warcio.archiveiterator import ArchiveIterator
 
-    offset = 0
-    with open(path, "rb") as raw:
+    offset = start
+    with storage.open_read(path) as raw:
         try:
+            first = ranges.first_warc_record(raw, start, path.lower().endswith(".gz"))
+            if first is None:
+                return
+            raw.seek(first)
             it = ArchiveIterator(raw)
             for record in it:
                 doc = _record_document(record, source)
-                # Only after the record is read: get_record_offset() skips the rest of it.
+                # Only after the record is read: get_record_offset() skips the rest of it. The
+                # offset is the file's (warcio starts from the stream's position).
                 offset = it.get_record_offset()
+                if 0 <= end <= offset:
+                    return
                 if doc is not None:
                     doc["id"] = f"{source}@{offset}"
                     yield doc

@@ -1,20 +1,96 @@
-"""`scratchlm eval`: a run's newest checkpoint on the validation split, plus samples."""
+"""`scratchlm eval`: a checkpoint on benchmark tasks, the validation split and samples.
+
+Results of a checkpoint go to RUN/eval/<stage>-<step>.json (tasks evaluated later are merged in
+while the weights are the same) and the newest evaluation is copied to RUN/eval/results.json.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from scratchlm.config import Recipe
-from scratchlm.device import pick_runtime
+from scratchlm.device import Runtime, pick_runtime
+from scratchlm.errors import UserError
 from scratchlm.evaluate.bpb import evaluate_bpb
+from scratchlm.evaluate.tasks import EvalOptions, get_task
 from scratchlm.infer.generate import generate
-from scratchlm.loading import from_checkpoint, latest_checkpoint_dir
+from scratchlm.loading import from_checkpoint, is_run_dir, latest_checkpoint_dir
 from scratchlm.shards import check_tokenizer, read_meta
 from scratchlm.train.checkpoint import load_checkpoint
+
+
+def run_tasks(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task_names: list[str],
+    limit: int = 0,
+    batch_size: int = 32,
+    runtime: Runtime | None = None,
+    **options: Any,
+) -> dict[str, dict[str, Any]]:
+    """Scores of `model` on each task: metric values, `<metric>_stderr`, `n`, `chance`...
+
+    Other EvalOptions (shots, data, data_dir, chat, max_gen_toks) pass as keywords. The model
+    is left in the train/eval mode it came in. This is what a training loop calls to score a
+    cheap task every few steps (see in_loop_metrics).
+    """
+    runtime = runtime or pick_runtime("cpu", "fp32")
+    settings = EvalOptions(limit=limit, batch_size=batch_size, runtime=runtime, **options)
+    tasks = [get_task(name) for name in task_names]  # an unknown name fails before any work
+    if settings.data and len(tasks) != 1:
+        raise UserError("--data points one task at another file: give exactly one task with it")
+    if settings.limit < 0 or settings.batch_size < 1:
+        raise UserError("--limit must be >= 0 and --batch-size >= 1")
+    was_training = model.training
+    try:
+        return {task.name: task.run(model, tokenizer, settings) for task in tasks}
+    finally:
+        model.train(was_training)
+
+
+def in_loop_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Task scores as flat `eval/<task>/<metric>` numbers for a metrics.jsonl line."""
+    flat = {}
+    for task, scores in results.items():
+        for name, value in scores.items():
+            if _is_score(name, value):
+                flat[f"eval/{task}/{name}"] = value
+    return flat
+
+
+def in_loop_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task_names: list[str],
+    limit: int,
+    runtime: Runtime,
+) -> dict[str, float]:
+    """What a training loop logs at an evaluation step: `eval/<task>/<metric>` of each task on
+    the first `limit` examples ({} without tasks). The model may be wrapped (DDP, DeepSpeed,
+    torch.compile): the plain module underneath is scored, on every rank alike."""
+    if not task_names:
+        return {}
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return in_loop_metrics(run_tasks(model, tokenizer, task_names, limit=limit, runtime=runtime))
+
+
+def check_task_names(task_names: list[str]) -> None:
+    """A UserError for an unknown task, before any training or loading starts."""
+    for name in task_names:
+        get_task(name)
+
+
+def _is_score(name: str, value: Any) -> bool:
+    skip = ("n", "chance", "shots", "seconds", "max_gen_toks")
+    return isinstance(value, float) and name not in skip and not name.endswith("_stderr")
 
 
 def sample_texts(model: torch.nn.Module, tokenizer: Any, recipe: Recipe, device: Any) -> list[dict]:
@@ -38,35 +114,135 @@ def sample_texts(model: torch.nn.Module, tokenizer: Any, recipe: Recipe, device:
     return samples
 
 
-def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
-    # Read and verified once: the manifest check hashes every file of the checkpoint.
-    loaded = load_checkpoint(latest_checkpoint_dir(run_dir))
-    ckpt = loaded.path
-    runtime = pick_runtime(recipe.pretrain.device, recipe.pretrain.precision)
-    model, tokenizer = from_checkpoint(loaded, device=runtime.device)
-    check_tokenizer(read_meta(run_dir / "tokens"), tokenizer)
-    figures = evaluate_bpb(
-        model,
-        run_dir / "tokens",
-        tokenizer.token_bytes(),
-        model.config.max_seq_len,
-        recipe.pretrain.micro_batch_size,
-        # The whole validation split (up to 4M tokens), not the trainer's quick estimate.
-        max_tokens=4_000_000,
-        runtime=runtime,
+def options_from(recipe: Recipe, **overrides: Any) -> EvalOptions:
+    e = recipe.eval
+    options = EvalOptions(
+        limit=e.limit,
+        batch_size=e.batch_size,
+        data_dir=e.data_dir,
+        chat=e.chat,
+        max_gen_toks=e.max_gen_toks,
+        runtime=pick_runtime(recipe.pretrain.device, recipe.pretrain.precision),
     )
-    result = {
-        "checkpoint": str(ckpt),
-        "stage": ckpt.parent.name,
-        "step": json.loads((ckpt / "trainer_state.json").read_text())["step"],
-        **figures,
-        "samples": sample_texts(model, tokenizer, recipe, runtime.device),
-    }
-    out = run_dir / "eval" / f"{ckpt.parent.name}-{ckpt.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    (run_dir / "eval" / "results.json").write_text(json.dumps(result, indent=2))
-    print(f"eval: {ckpt}: val_loss {figures['val_loss']:.4f}, val_bpb {figures['val_bpb']:.4f}")
-    for s in result["samples"]:
-        print(f"--- sample: {s['prompt']}{s['completion']}")
+    return replace(options, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
+    """The eval stage: the run's newest checkpoint on its validation split, the recipe's
+    samples and the recipe's tasks (eval.tasks)."""
+    return evaluate_checkpoint(
+        latest_checkpoint_dir(run_dir),
+        recipe,
+        recipe.eval.tasks,
+        options_from(recipe),
+        run_dir=run_dir,
+        validation=True,
+    )
+
+
+def evaluate_checkpoint(
+    path: Path,
+    recipe: Recipe,
+    task_names: list[str],
+    options: EvalOptions,
+    run_dir: Path | None = None,
+    validation: bool = False,
+    harness: bool = False,
+) -> dict[str, Any]:
+    """Evaluate one checkpoint (or a stage folder's newest) and record it under run_dir/eval."""
+    check_task_names(task_names)  # an unknown task fails before the checkpoint is read
+    loaded = load_checkpoint(path)  # read and verified once: the manifest hashes every file
+    ckpt = loaded.path
+    model, tokenizer = from_checkpoint(loaded, device=options.runtime.device)
+    stage, step = ckpt.parent.name, int(loaded.trainer_state.get("step", 0))
+    weights = _weights_id(ckpt)
+    out = run_dir / "eval" / f"{stage}-{ckpt.name}.json" if run_dir else None
+    result: dict[str, Any] = {}
+    if out is not None and out.is_file():
+        earlier = json.loads(out.read_text())
+        if earlier.get("weights") == weights:
+            result = earlier
+    result |= {"checkpoint": str(ckpt), "stage": stage, "step": step, "weights": weights}
+    if validation and run_dir is not None and (run_dir / "tokens" / "meta.json").is_file():
+        check_tokenizer(read_meta(run_dir / "tokens"), tokenizer)
+        result |= evaluate_bpb(
+            model,
+            run_dir / "tokens",
+            tokenizer.token_bytes(),
+            model.config.max_seq_len,
+            recipe.pretrain.micro_batch_size,
+            # The whole validation split (up to 4M tokens), not the trainer's quick estimate.
+            max_tokens=4_000_000,
+            runtime=options.runtime,
+        )
+        result["samples"] = sample_texts(model, tokenizer, recipe, options.runtime.device)
+        print(f"eval: {ckpt}: val_loss {result['val_loss']:.4f}, val_bpb {result['val_bpb']:.4f}")
+        for s in result["samples"]:
+            print(f"--- sample: {s['prompt']}{s['completion']}")
+    if task_names:
+        if harness:
+            from scratchlm.evaluate.harness import ScratchLM, run_harness
+
+            scores, _ = run_harness(ScratchLM(model, tokenizer, options), task_names, options)
+            result.setdefault("harness", {}).update(scores)
+        else:
+            scores = run_tasks(
+                model,
+                tokenizer,
+                task_names,
+                **{k: getattr(options, k) for k in EvalOptions.__dataclass_fields__},
+            )
+            result.setdefault("tasks", {}).update(scores)
+        print(format_table(scores, f"{stage} step {step}" + (" (lm-eval)" if harness else "")))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(result, indent=2)
+        out.write_text(text)
+        (out.parent / "results.json").write_text(text)
     return result
+
+
+def _weights_id(ckpt: Path) -> str:
+    """Identifies the weights, so scores of an earlier model at the same step are not merged."""
+    manifest = ckpt / "manifest.json"
+    data = (
+        manifest.read_bytes() if manifest.is_file() else (ckpt / "model.safetensors").read_bytes()
+    )
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def format_table(scores: dict[str, dict[str, Any]], title: str) -> str:
+    lines = [
+        f"eval: {title}",
+        f"{'task':<16} {'metric':<22} {'value':>9} {'stderr':>8} {'chance':>7} {'n':>6}",
+    ]
+    for task, values in scores.items():
+        for name, value in values.items():
+            if not _is_score(name, value):
+                continue
+            error = values.get(f"{name}_stderr")
+            chance = values.get("chance") if name.startswith(("acc", "exact_match")) else None
+            lines.append(
+                f"{task:<16} {name:<22} {_fmt(value):>9} {_fmt(error):>8} {_fmt(chance):>7} "
+                f"{values.get('n', ''):>6}"
+            )
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
+
+
+def resolve_target(path: Path) -> tuple[Path, Path | None]:
+    """(what to load, the run folder it belongs to) for a run folder, a stage folder or a
+    checkpoint folder."""
+    if not path.exists():
+        raise UserError(f"not found: {path}")
+    if is_run_dir(path):
+        return latest_checkpoint_dir(path), path
+    for run in (path.parent, path.parent.parent):
+        if is_run_dir(run):
+            return path, run
+    return path, None

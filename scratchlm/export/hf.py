@@ -13,18 +13,20 @@ under a permutation of the head dimension applied to both, so the logits are the
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from scratchlm import disk
 from scratchlm.errors import UserError
 from scratchlm.model import ModelConfig, Transformer
+from scratchlm.runlock import process_alive
 
 REQUIRED_SPECIAL_TOKENS = ("bos", "eos", "pad")
+TMP_PREFIX = ".tmp-export-"
 
 # Used when no chat template is given: role headers on their own line, turns closed by eos.
 DEFAULT_CHAT_TEMPLATE = (
@@ -135,20 +137,13 @@ def export_hf(
             raise UserError(f"special token {key}={token!r} is not in {tokenizer_json}")
         token_ids[key] = token_id
 
-    out.mkdir(parents=True, exist_ok=True)
     dtype = model.tok_embeddings.weight.dtype if model.tok_embeddings is not None else torch.float32
-    save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = llama_config(model.config, token_ids, dtype)
-    _write_json(out / "config.json", config)
+    state = hf_state_dict(model)
     ids = {f"{k}_token_id": token_ids[k] for k in REQUIRED_SPECIAL_TOKENS}
-    _write_json(out / "generation_config.json", {**ids, "max_length": model.config.max_seq_len})
-
-    shutil.copyfile(tokenizer_json, out / "tokenizer.json")
     named = {f"{k}_token": special_tokens[k] for k in REQUIRED_SPECIAL_TOKENS}
     extra = [v for k, v in special_tokens.items() if k not in REQUIRED_SPECIAL_TOKENS]
     if extra:
         named["additional_special_tokens"] = extra
-    _write_json(out / "special_tokens_map.json", named)
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **named,
@@ -156,12 +151,45 @@ def export_hf(
         "clean_up_tokenization_spaces": False,
         "chat_template": chat_template or DEFAULT_CHAT_TEMPLATE,
     }
-    _write_json(out / "tokenizer_config.json", tokenizer_config)
+    files = {
+        "config.json": _json(llama_config(model.config, token_ids, dtype)),
+        "generation_config.json": _json({**ids, "max_length": model.config.max_seq_len}),
+        "tokenizer.json": tokenizer_json.read_bytes(),
+        "special_tokens_map.json": _json(named),
+        "tokenizer_config.json": _json(tokenizer_config),
+    }
+    # Written into a temporary folder and moved into `out` once complete: a full disk or a crash
+    # leaves no partial model file where a loader would take it for the export.
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_exports(out)
+    tmp = out / f"{TMP_PREFIX}{os.getpid()}"
+    needed = sum(t.numel() * t.element_size() for t in state.values())
+    needed += sum(len(data) for data in files.values()) + (1 << 16)
+    disk.check_room("the Hugging Face export", out, needed, then="export again")
+    with disk.writing("the Hugging Face export", out, needed, [tmp], then="export again"):
+        tmp.mkdir()
+        disk.save_safetensors(state, tmp / "model.safetensors")
+        for name, data in files.items():
+            with disk.open_file(tmp / name) as f:
+                f.write(data)
+        for path in tmp.iterdir():
+            os.replace(path, out / path.name)
+    tmp.rmdir()
     return out
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+def _json(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def _remove_stale_exports(out: Path) -> None:
+    """Remove the temporary folders of exports that died (their process is gone)."""
+    for path in out.glob(f"{TMP_PREFIX}*"):
+        pid = path.name.removeprefix(TMP_PREFIX)
+        if pid.isdigit() and not process_alive(int(pid)):
+            freed = disk.format_bytes(disk.tree_bytes(path))
+            disk.remove(path)
+            print(f"note: removed {path.name}, left by an interrupted export ({freed})")
 
 
 def export_run(path: Path, out: Path) -> Path:

@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from scratchlm.infer.generate import generate
 from scratchlm.loading import load
+
+
+def streamable_text(text: str, stops: Sequence[str] = (), finished: bool = False) -> str:
+    """The part of the text so far that can be shown and never needs taking back: without a
+    character still missing bytes (U+FFFD at the end) or a tail that may begin a stop string."""
+    if finished:
+        return text
+    text = text.rstrip("\ufffd")
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                text = text[:-n]
+                break
+    return text
 
 
 def stream_to_terminal(

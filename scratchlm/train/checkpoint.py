@@ -11,6 +11,10 @@ more than one model (PPO's value model) stores each other one under its own name
 A checkpoint is written to a temporary folder and renamed into place, and `latest` moves last, so a
 crash never leaves a half-written checkpoint behind `latest`. On load the manifest is checked; a
 damaged checkpoint found through `latest` falls back to the newest good one, with a warning.
+
+A full disk is checked for before writing (against the last checkpoint's size) and, met anyway,
+ends the run with one line and no partial folder; the `.tmp-*` folders of runs killed while
+writing are removed when the next run of the stage starts.
 """
 
 from __future__ import annotations
@@ -18,19 +22,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from scratchlm import disk
 from scratchlm.errors import UserError
 
 MODEL_FILE = "model.safetensors"
 MANIFEST = "manifest.json"
+TMP_PREFIX = ".tmp-"
+SMALL_FILES_BYTES = 1 << 16
+RESUME = "continue with --resume"
 
 Part = tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]
 """A trained model in a checkpoint: its tensors, its config and its optimizer state."""
@@ -81,39 +88,127 @@ def save_checkpoint(
     others: dict[str, Part] | None = None,
 ) -> Path:
     """Write step-NNNNNN atomically, point `latest` at it and keep the newest `keep` checkpoints.
-    `others` are further trained models, by name."""
+    `others` are further trained models, by name.
+
+    Free space is checked first against this checkpoint's size (the larger of the last one's and
+    the tensors'); a full disk met anyway leaves no partial folder behind."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    tmp = stage_dir / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-    for part_name, (part_tensors, part_config, part_optimizer) in (others or {}).items():
-        save_file(part_tensors, str(tmp / f"{part_name}.safetensors"), metadata={"format": "pt"})
-        (tmp / f"{part_name}.config.json").write_text(json.dumps(part_config, indent=2))
-        if part_optimizer is not None:
-            torch.save(part_optimizer, tmp / f"{part_name}.optimizer.pt")
+    parts = [(tensors, optimizer_state), *((t, o) for t, _, o in (others or {}).values())]
+    needed = max(estimate_bytes(parts), last_checkpoint_bytes(stage_dir))
+    make_room(stage_dir, f"checkpoint {name}", needed, keep)
+    tmp = stage_dir / f"{TMP_PREFIX}{name}-{os.getpid()}"
+    disk.remove(tmp)
+    with disk.writing(f"checkpoint {name}", stage_dir, needed, partial=[tmp], then=RESUME):
+        tmp.mkdir()
+        disk.save_safetensors(tensors, tmp / MODEL_FILE)
+        write_json(tmp / "config.json", model_config)
+        write_json(tmp / "trainer_state.json", trainer_state)
+        if optimizer_state is not None:
+            write_torch(optimizer_state, tmp / "optimizer.pt")
+        for part_name, (part_tensors, part_config, part_optimizer) in (others or {}).items():
+            disk.save_safetensors(part_tensors, tmp / f"{part_name}.safetensors")
+            write_json(tmp / f"{part_name}.config.json", part_config)
+            if part_optimizer is not None:
+                write_torch(part_optimizer, tmp / f"{part_name}.optimizer.pt")
+        write_manifest(tmp)
     return finish_checkpoint(tmp, stage_dir, name, keep)
 
 
-def finish_checkpoint(tmp: Path, stage_dir: Path, name: str, keep: int) -> Path:
-    """Write the manifest of a complete temporary folder, rename it into place, move `latest`
-    and keep the newest `keep` checkpoints."""
-    final = stage_dir / name
+def write_json(path: Path, data: Any) -> None:
+    with disk.open_file(path) as f:
+        f.write(json.dumps(data, indent=2).encode())
+
+
+def write_torch(obj: Any, path: Path) -> None:
+    # Through a Python file, so that a full disk reaches us as an OSError with its errno.
+    with disk.open_file(path) as f:
+        torch.save(obj, f)
+
+
+def write_manifest(folder: Path) -> None:
     manifest = {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    write_json(folder / MANIFEST, manifest)
+
+
+def estimate_bytes(parts: list[tuple[Any, Any]]) -> int:
+    """Bytes the tensors in these (nested) states take on disk, plus room for the small files."""
+
+    def tensor_bytes(obj: Any) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(tensor_bytes(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(tensor_bytes(v) for v in obj)
+        return 0
+
+    return tensor_bytes(parts) + SMALL_FILES_BYTES
+
+
+def last_checkpoint_bytes(stage_dir: Path) -> int:
+    existing = list_checkpoints(stage_dir)
+    return disk.tree_bytes(existing[-1]) if existing else 0
+
+
+def make_room(stage_dir: Path, what: str, needed: int, keep: int) -> None:
+    """Make sure `needed` bytes fit before a checkpoint is written, or raise DiskFull.
+
+    When they do not, the checkpoints that keep_checkpoints would delete after this write are
+    deleted first, oldest first, but only while a newer complete checkpoint remains to resume
+    from."""
+    if disk.free_bytes(stage_dir) >= needed:
+        return
+    existing = list_checkpoints(stage_dir)
+    latest = (stage_dir / "latest").resolve() if (stage_dir / "latest").exists() else None
+    doomed = existing[: len(existing) - keep + 1] if keep > 0 else []
+    for old in doomed:
+        newer = [c for c in existing if c.name > old.name]
+        if old.resolve() == latest or not any(verify(c, hashes=False) is None for c in newer):
+            break
+        freed = disk.tree_bytes(old)
+        remove_checkpoint(old)
+        existing.remove(old)
+        print(
+            f"note: deleted {old.name} ({disk.format_bytes(freed)}) before writing {what}, "
+            f"to make room; keep_checkpoints={keep} would have deleted it after",
+            flush=True,
+        )
+        if disk.free_bytes(stage_dir) >= needed:
+            return
+    disk.check_room(what, stage_dir, needed, then=RESUME)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Remove a checkpoint folder: renamed out of sight first, so a crash half-way never leaves a
+    partial step-* folder that looks like a checkpoint."""
+    doomed = path.with_name(f"{TMP_PREFIX}delete-{path.name}-{os.getpid()}")
+    path.rename(doomed)
+    disk.remove(doomed)
+
+
+def remove_stale(stage_dir: Path) -> tuple[list[str], int]:
+    """Remove the unfinished checkpoint folders and links that crashed runs left in a stage
+    folder; returns their names and the bytes freed. Only under the run lock."""
+    return disk.remove_stale(stage_dir, [f"{TMP_PREFIX}*", ".latest-*"])
+
+
+def finish_checkpoint(tmp: Path, stage_dir: Path, name: str, keep: int) -> Path:
+    """Rename a complete temporary folder (with its manifest) into place, move `latest` and keep
+    the newest `keep` checkpoints."""
+    final = stage_dir / name
+    if final.exists():  # the same step saved again: the old one goes once the new one is there
+        replaced = final.with_name(f"{TMP_PREFIX}replaced-{name}-{os.getpid()}")
+        final.rename(replaced)
+        tmp.rename(final)
+        disk.remove(replaced)
+    else:
+        tmp.rename(final)
     _point_latest(stage_dir, name)
     for old in list_checkpoints(stage_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_checkpoint(old)
     return final
 
 
@@ -133,8 +228,9 @@ def list_checkpoints(stage_dir: Path) -> list[Path]:
     return sorted(p for p in stage_dir.glob("step-*") if p.is_dir())
 
 
-def verify(ckpt: Path) -> str | None:
-    """None when every file matches the manifest, else what is wrong."""
+def verify(ckpt: Path, hashes: bool = True) -> str | None:
+    """None when every file matches the manifest, else what is wrong. hashes=False checks only
+    that the checkpoint is complete (every file there, at its size)."""
     manifest_path = ckpt / MANIFEST
     if not manifest_path.is_file():
         return "no manifest.json"
@@ -148,7 +244,7 @@ def verify(ckpt: Path) -> str | None:
             return f"{fname} is missing"
         if p.stat().st_size != want["bytes"]:
             return f"{fname} has {p.stat().st_size} bytes, expected {want['bytes']}"
-        if _sha256(p) != want["sha256"]:
+        if hashes and _sha256(p) != want["sha256"]:
             return f"{fname} does not match its recorded sha256"
     return None
 

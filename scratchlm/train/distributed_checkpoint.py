@@ -13,15 +13,19 @@ checkpoint. The folder is written under a temporary name and renamed, as single-
 from __future__ import annotations
 
 import copy
+import errno
 import json
-import shutil
+import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -30,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from scratchlm import disk
 from scratchlm.config import TrainConfig
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.train import checkpoint as ckpt
@@ -54,27 +59,72 @@ def save_sharded(
     keep: int = 2,
 ) -> Path:
     """Collective: every rank writes its shards; rank 0 writes the rest and moves it in place.
-    `parts` maps each trained model's name ("model" first) to (model, optimizer, config)."""
+    `parts` maps each trained model's name ("model" first) to (model, optimizer, config).
+
+    Rank 0 checks the free space first (against the last checkpoint's size and the full state's)
+    and every rank stops with the same DiskFull when it will not fit."""
     name = f"step-{step:06d}"
-    tmp = stage_dir / f".tmp-{name}"
-    if dist.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+    what = f"checkpoint {name}"
+    tmp = stage_dir / f"{ckpt.TMP_PREFIX}{name}"
     state: dict[str, Any] = {}
     for part, (model, optimizer, _) in parts.items():
         model_state, optim_state = get_state_dict(model, optimizer)
         _state_slot(state, part).update(model=model_state, optim=optim_state)
-    dcp.save(state, checkpoint_id=str(tmp))
+    needed, free = 0, 0
+    if dist.is_main:
+        needed = max(ckpt.estimate_bytes([state]), ckpt.last_checkpoint_bytes(stage_dir))
+        try:
+            ckpt.make_room(stage_dir, what, needed, keep)
+            free = needed
+        except disk.DiskFull as e:
+            free = e.free
+        disk.remove(tmp)
+        tmp.mkdir(parents=True)
+    needed, free = int(dist.from_rank0(needed)), int(dist.from_rank0(free))
+    if free < needed:
+        if dist.is_main:
+            disk.remove(tmp)
+        raise disk.DiskFull(what, stage_dir, needed, free, then=ckpt.RESUME)
+    dist.barrier()
+    with disk.writing(what, stage_dir, needed, [tmp] if dist.is_main else [], then=ckpt.RESUME):
+        dcp.save(state, storage_writer=_writer(tmp))
+        if dist.is_main:
+            for part, (_, _, config) in parts.items():
+                config_file = "config.json" if part == "model" else f"{part}.config.json"
+                ckpt.write_json(tmp / config_file, config)
+            ckpt.write_json(tmp / "trainer_state.json", trainer_state)
+            ckpt.write_manifest(tmp)
     final = stage_dir / name
     if dist.is_main:
-        for part, (_, _, config) in parts.items():
-            config_file = "config.json" if part == "model" else f"{part}.config.json"
-            (tmp / config_file).write_text(json.dumps(config, indent=2))
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         ckpt.finish_checkpoint(tmp, stage_dir, name, keep)
     dist.barrier()
     return final
+
+
+class _DiskFileSystem(FileSystem):
+    """DCP's local filesystem, with files written through `disk.open_file` like every other."""
+
+    @contextmanager
+    def create_stream(self, path: str | Path, mode: str) -> Iterator[Any]:
+        if "r" in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with disk.open_file(Path(path), mode) as stream:
+            try:
+                yield stream
+            except Exception as e:
+                # DCP sends each rank's error to the others pickled, which drops what it was
+                # raised from (torch.save's "unexpected pos" hides the full disk): name it.
+                if disk.is_disk_full(e) and not isinstance(e, OSError):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+                raise
+
+
+def _writer(path: Path) -> dcp.FileSystemWriter:
+    writer = dcp.FileSystemWriter(str(path))
+    writer.fs = _DiskFileSystem()
+    return writer
 
 
 def _state_slot(state: dict[str, Any], part: str) -> dict[str, Any]:

@@ -9,7 +9,9 @@ the same way for every stage:
 - micro-batches and gradient accumulation, clipping, the optimizer and its schedule, compile;
 - the time budget, the progress bar and metrics.jsonl, every row tagged with its stage;
 - atomic checkpoints that resume exactly (weights, optimizer moments, schedule position, data
-  position, RNG states), and SIGINT/SIGTERM, which finish the step and save before stopping.
+  position, RNG states), and SIGINT/SIGTERM, which finish the step and save before stopping;
+- the faults of a long run (train/faults.py): the run folder's lock, a full disk, a non-finite
+  loss (on_nonfinite = "stop" | "skip"), running out of GPU memory, each one line.
 
 A stage that trains one model reads:
 
@@ -43,6 +45,7 @@ from scratchlm.errors import UserError
 from scratchlm.parallel.deepspeed import DeepSpeedRunner, warn_optimizer_restart
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed_checkpoint as dckpt
+from scratchlm.train import faults
 from scratchlm.train.metrics import MetricsLog, drop_rows
 from scratchlm.train.optim import build_optimizer, lr_factor
 from scratchlm.train.rng import get_rng_state, set_rng_state
@@ -115,13 +118,17 @@ class Trainer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         config: dict[str, Any],
-        accum: int,
+        batch: tuple[int, int],
     ) -> None:
-        self.session, self.name, self.config, self.accum = session, name, config, accum
+        self.session, self.name, self.config = session, name, config
+        self.micro, self.accum = batch
         self.model = model
         """As `parallel.apply` returned it: what checkpoints and gradient sync work on."""
         self.optimizer = optimizer
         self.forward_model = torch.compile(model) if session.cfg.compile else model
+        self.nonfinite: dict[str, float] | None = None
+        """The metrics of this session step's first update with a non-finite loss or gradient
+        norm; that update was not applied."""
 
     def set_lr(self, factor: float) -> None:
         for group in self.optimizer.param_groups:
@@ -132,35 +139,52 @@ class Trainer:
 
         `batch` is split into the trainer's micro-batches (or is a list of them already). The
         gradient is the mean over micro-batches and ranks of each micro-batch's loss. Returns the
-        mean loss, the gradient norm and the means of loss_fn's metrics, over all ranks.
+        mean loss, the gradient norm and the means of loss_fn's metrics, over all ranks. An update
+        whose loss or gradient norm is not finite is not applied (see `nonfinite`); the session's
+        on_nonfinite policy decides what follows.
         """
         session, dist, runtime = self.session, self.session.dist, self.session.runtime
         totals: dict[str, torch.Tensor] = {}
         if dist.deepspeed is not None:  # the engine accumulates, clips and steps itself
             totals["loss"], grad_norm = dist.deepspeed.step(*batch)
+            result = self._means(totals, grad_norm)
+            if not self._finite(result):  # applied already: on_nonfinite="skip" is refused
+                self.nonfinite = self.nonfinite or result
+            return result
+        if dist.pipeline is not None:  # the schedule runs every micro-batch through the stages
+            totals["loss"] = dist.pipeline.step(*batch)
         else:
-            if dist.pipeline is not None:  # the schedule runs every micro-batch through the stages
-                totals["loss"] = dist.pipeline.step(*batch)
-            else:
-                micro_batches = batch if isinstance(batch, list) else cut_batch(batch, self.accum)
-                n = len(micro_batches)
-                for i, micro in enumerate(micro_batches):
-                    micro = to_device(micro, runtime.device)
-                    # Data-parallel gradients are reduced once, after the last micro-batch.
-                    with parallel.gradient_sync(self.model, i == n - 1), runtime.autocast():
-                        loss, metrics = loss_fn(self.forward_model, micro)
-                    (loss / n).backward()
-                    for key, value in {"loss": loss, **metrics}.items():
-                        value = torch.as_tensor(value, dtype=torch.float32, device=runtime.device)
-                        totals[key] = totals.get(key, 0.0) + value.detach().float() / n
-            grad_norm = parallel.clip_grad_norm_(self.model, session.cfg.grad_clip, dist)
+            micro_batches = batch if isinstance(batch, list) else cut_batch(batch, self.accum)
+            n = len(micro_batches)
+            for i, micro in enumerate(micro_batches):
+                micro = to_device(micro, runtime.device)
+                # Data-parallel gradients are reduced once, after the last micro-batch.
+                with parallel.gradient_sync(self.model, i == n - 1), runtime.autocast():
+                    loss, metrics = loss_fn(self.forward_model, micro)
+                (loss / n).backward()
+                for key, value in {"loss": loss, **metrics}.items():
+                    value = torch.as_tensor(value, dtype=torch.float32, device=runtime.device)
+                    totals[key] = totals.get(key, 0.0) + value.detach().float() / n
+        grad_norm = parallel.clip_grad_norm_(self.model, session.cfg.grad_clip, dist)
+        result = self._means(totals, grad_norm)
+        # Every rank sees the same mean loss and global norm, so all skip or all step.
+        if self._finite(result):
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        means = dist.mean(torch.stack(list(totals.values())).float())  # one collective for all
-        return {
-            **{key: float(value) for key, value in zip(totals, means, strict=True)},
-            "grad_norm": float(grad_norm),
-        }
+        else:
+            self.nonfinite = self.nonfinite or result
+        self.optimizer.zero_grad(set_to_none=True)
+        return result
+
+    @staticmethod
+    def _finite(result: dict[str, float]) -> bool:
+        return math.isfinite(result["loss"]) and math.isfinite(result["grad_norm"])
+
+    def _means(self, totals: dict[str, torch.Tensor], grad_norm: Any) -> dict[str, float]:
+        """The metrics' means over ranks and the gradient norm, read in one transfer."""
+        means = self.session.dist.mean(torch.stack(list(totals.values())).float())
+        norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=means.device).reshape(1)
+        values = torch.cat([means, norm]).tolist()
+        return {**dict(zip(totals, values[:-1], strict=True)), "grad_norm": values[-1]}
 
     def eval_model(self, rows: int) -> nn.Module:
         """The model for evaluation forwards of up to `rows` rows (all stages under pipeline
@@ -201,16 +225,22 @@ class Session:
                 f"{stage} runs on data-parallel and tensor-parallel layouts: set parallel.pp=1 "
                 "and parallel.engine='torch'"
             )
+        if cfg.on_nonfinite == "skip" and parallel_cfg.engine == "deepspeed":
+            raise UserError(
+                f"{stage}.on_nonfinite='skip' needs the update held back, which DeepSpeed's "
+                "engine does not allow; use 'stop' with parallel.engine='deepspeed'"
+            )
         self.runtime: Runtime = pick_runtime(cfg.device, cfg.precision)
         self.dist = parallel.init(parallel_cfg, self.runtime.device)
         self.stage_dir = run_dir / stage
         if self.dist.is_main:
-            self.stage_dir.mkdir(parents=True, exist_ok=True)
+            self._unlock = faults.take_run_folder(self, stage, run_dir, self.stage_dir)
         self.log = MetricsLog(run_dir / "metrics.jsonl", stage, enabled=self.dist.is_main)
         self.say(f"{stage}: {self.runtime.describe()}, {self.dist.describe()}")
         torch.manual_seed(cfg.seed)
         self.trainers: dict[str, Trainer] = {}
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.nonfinite = faults.NonFinitePolicy(stage, cfg)
         self.restored: ckpt.Checkpoint | None = None
         if resume and ckpt.list_checkpoints(self.stage_dir):
             # A sharded checkpoint is read after the model is split; a single-file one before.
@@ -218,11 +248,21 @@ class Session:
             state = self.restored.trainer_state
             self.step, self.tokens_seen = state["step"], state.get("tokens_seen", 0)
             self.elapsed_before = state.get("elapsed", 0.0)
-            if self.dist.is_main:  # rows logged after this checkpoint, before the stop, come again
-                drop_rows(run_dir / "metrics.jsonl", stage, after_step=self.step)
+            self.nonfinite.skipped_steps = state.get("skipped_steps", 0)
             self.say(f"{stage}: resumed from {self.restored.path} at step {self.step}")
         elif resume:
             self.say(f"{stage}: no checkpoint in {self.stage_dir} to resume from; starting at 0")
+        if self.dist.is_main:  # rows logged after the checkpoint (or with no checkpoint) go;
+            # a finished run resumed evaluates again, so its last evaluation goes too
+            done = self.step >= cfg.max_steps or 0 < cfg.max_seconds <= self.elapsed_before
+            after = self.step if resume else -1
+            drop_rows(run_dir / "metrics.jsonl", stage, after, bool(self.restored and done))
+
+    def close(self) -> None:
+        """Let go of the run lock (the end of `run` does it)."""
+        unlock = getattr(self, "_unlock", None)
+        if unlock is not None:
+            unlock()
 
     def say(self, *args: Any) -> None:
         if self.dist.is_main:
@@ -293,7 +333,7 @@ class Session:
             self.dist.deepspeed = DeepSpeedRunner(
                 model, optimizer, self.parallel_cfg, self.cfg.grad_clip, self.runtime, micro, accum
             )
-        trainer = Trainer(self, name, model, optimizer, config, accum)
+        trainer = Trainer(self, name, model, optimizer, config, batch)
         self.trainers[name] = trainer
         return trainer
 
@@ -304,6 +344,7 @@ class Session:
             "tokens_seen": self.tokens_seen,
             "elapsed": round(time.time() - self._start, 3),
             "lr_factor": self._factor,
+            "skipped_steps": self.nonfinite.skipped_steps,
             "rng": get_rng_state(),
             **{key: obj.state_dict() for key, obj in stateful.items()},
         }
@@ -360,6 +401,8 @@ class Session:
         # The clock continues from the checkpoint, so a time budget spans a resume.
         self._start = time.time() - self.elapsed_before
         self._factor = lr_factor(self.step, cfg, elapsed=self.elapsed_before)
+        if self.restored is not None:  # the factor of the last step taken, saved again as it was
+            self._factor = self.restored.trainer_state.get("lr_factor", self._factor)
         last_val: dict[str, float] = {}
         bar = tqdm(
             total=cfg.max_steps,
@@ -371,7 +414,7 @@ class Session:
         for trainer in self.trainers.values():
             trainer.model.train()
         try:
-            with StopSignals() as stop:
+            with StopSignals() as stop, faults.out_of_memory(self):
                 while self.step < cfg.max_steps:
                     t0 = time.time()
                     # With a time budget, rank 0's clock drives the schedule and the stop.
@@ -385,9 +428,17 @@ class Session:
                     self._factor = lr_factor(self.step, cfg, elapsed=elapsed)
                     for trainer in self.trainers.values():
                         trainer.set_lr(self._factor)
+                        trainer.nonfinite = None
                     metrics = train_step()
                     self.step += 1
-                    self._log_step(metrics, time.time() - t0, bar)
+                    bad = faults.nonfinite_updates(self.trainers.values(), metrics)
+                    verdict = self.nonfinite.check(self.step, bad, self.stage_dir)
+                    if verdict == "stop":
+                        raise self.nonfinite.limit_reached(self.step, self.save(stateful))
+                    if verdict == "skip":
+                        self._log_skipped(metrics, bar)
+                    else:
+                        self._log_step(metrics, time.time() - t0, bar)
                     if (
                         cfg.eval_every
                         and self.step % cfg.eval_every == 0
@@ -403,24 +454,42 @@ class Session:
                         and (self.step < cfg.max_steps)
                     ):
                         self.save(stateful)
-            bar.close()
-            last_val = self._evaluate(evaluate, None)
-            final = self.save(stateful)
-        finally:  # also on a stop or an error: close the bar and leave the process group
+                bar.close()
+                last_val = self._evaluate(evaluate, None)
+            # A resume of a finished run takes no step: its last checkpoint stays as it was.
+            unchanged = (
+                self.restored is not None and self.step == self.restored.trainer_state["step"]
+            )
+            final = self.restored.path if unchanged else self.save(stateful)
+        finally:  # also on a stop or an error: close the bar, leave the process group, unlock
             bar.close()
             parallel.shutdown(dist)
+            self.close()
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "seconds": round(time.time() - self._start, 1),
             "checkpoint": str(final),
+            "skipped_steps": self.nonfinite.skipped_steps,
             **last_val,
         }
 
+    def _log_skipped(self, metrics: dict[str, float], bar: tqdm) -> None:
+        tokens = metrics.pop("tokens", None)
+        if tokens is not None:  # the batch was read: its tokens count as seen
+            self.tokens_seen += int(tokens)
+        # No "loss" key: plots of the loss leave the step out instead of drawing a NaN.
+        self.log.write(
+            self.step,
+            skipped="non-finite",
+            nonfinite_loss=str(metrics["loss"]),
+            skipped_steps=self.nonfinite.skipped_steps,
+            lr=self.cfg.lr * self._factor,
+        )
+        bar.update(1)
+
     def _log_step(self, metrics: dict[str, float], seconds: float, bar: tqdm) -> None:
         loss = metrics["loss"]
-        if not math.isfinite(loss):
-            raise RuntimeError(f"{self.stage}: loss is {loss} at step {self.step}; lower the lr")
         row = {"loss": loss, "lr": self.cfg.lr * self._factor}
         tokens = metrics.pop("tokens", None)
         if tokens is not None:

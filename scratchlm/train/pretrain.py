@@ -14,6 +14,7 @@ import torch
 from scratchlm.config import Recipe
 from scratchlm.errors import UserError
 from scratchlm.evaluate.bpb import evaluate_bpb
+from scratchlm.evaluate.run import check_task_names, in_loop_scores
 from scratchlm.model import ModelConfig, Transformer, cross_entropy_loss
 from scratchlm.shards import TokenLoader, check_tokenizer, read_meta
 from scratchlm.tokenizer import Tokenizer
@@ -63,6 +64,7 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
     meta = read_meta(tokens_dir)
     tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
     check_tokenizer(meta, tokenizer)
+    check_task_names(cfg.eval_tasks)
     session = Session("pretrain", run_dir, cfg, recipe.parallel, resume, progress)
     model = initial_model(recipe, session.say)
     model_cfg = model.config
@@ -97,11 +99,20 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool
     eval_rows = micro * accum if session.dist.pipeline is not None else micro
     token_bytes = tokenizer.token_bytes()
 
+    # Benchmark tasks score the whole model; under pipeline parallelism no rank holds it.
+    task_names = cfg.eval_tasks if session.dist.pipeline is None else []
+    if cfg.eval_tasks and not task_names:
+        session.say("pretrain: pretrain.eval_tasks are skipped under pipeline parallelism")
+
     def evaluate() -> dict[str, float]:
         model = trainer.eval_model(eval_rows)
-        return evaluate_bpb(
+        figures = evaluate_bpb(
             model, tokens_dir, token_bytes, seq, eval_rows, cfg.eval_tokens, session.runtime
         )
+        scores = in_loop_scores(
+            trainer.model, tokenizer, task_names, cfg.eval_tasks_limit, session.runtime
+        )
+        return {**figures, **scores}
 
     def train_step() -> dict[str, float]:
         return {**trainer.step(loader.next_batch(), lm_loss), "tokens": cfg.tokens_per_step}

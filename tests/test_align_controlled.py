@@ -1,0 +1,92 @@
+"""Controlled tasks where the truth is known: a reward model learns a planted preference, and DPO
+raises the success of a rule from its SFT baseline."""
+
+import random
+
+from align_helpers import random_words, recipe, tiny_run, write_jsonl
+
+from scratchlm.align import dpo, reward, sft
+from scratchlm.align.evaluate import PreferenceOptions, PreferenceTask, preference_checkpoint
+from scratchlm.loading import load
+
+
+def test_reward_model_learns_a_planted_preference(tmp_path):
+    """The chosen response says "thanks" somewhere; the rejected one, as long, does not."""
+    rng = random.Random(0)
+    pairs = []
+    for i in range(600):
+        words = random_words(rng, rng.randrange(4, 9)).split()
+        polite = list(words)
+        polite[rng.randrange(len(polite))] = "thanks"
+        pairs.append(
+            {"prompt": f"Reply {i}.", "chosen": " ".join(polite), "rejected": " ".join(words)}
+        )
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    run = tiny_run(tmp_path, [random_words(rng, 40) + " thanks reply" for _ in range(30)])
+    result = reward.run(
+        recipe(
+            f'reward.data=["{data}"]',
+            f"reward.init_from='{run / 'pretrain'}'",
+            "reward.max_steps=60",
+            "reward.eval_every=0",
+            "reward.lr=3e-3",
+            "reward.warmup_steps=5",
+            "reward.val_fraction=0.2",
+        ),  # fmt: skip
+        run,
+        progress=False,
+    )
+    assert result["val_accuracy"] >= 0.95, result
+    # The evaluation task agrees on the held-out pairs it is given.
+    model, tokenizer = load(run / "reward")
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", pairs[:200])
+    options = PreferenceOptions(str(held_out), checkpoint=preference_checkpoint(run))
+    figures = PreferenceTask().run(model, tokenizer, options)
+    assert figures["scorer"] == "reward model" and figures["n"] == 200
+    assert figures["accuracy"] >= 0.95 and figures["ci95"][0] > 0.9
+
+
+def success_rate(run, stage, samples=120):
+    """Share of sampled answers to an unseen "Pick a number" prompt that are an even digit."""
+    from scratchlm.infer.generate import generate
+
+    model, tokenizer = load(run / stage)
+    question = [{"role": "user", "content": "Pick a number (1000)."}]
+    prompt, _ = tokenizer.encode_chat(question, add_generation_prompt=True)
+    even = 0
+    for seed in range(samples):
+        ids = generate(model, prompt, 4, temperature=1.0, seed=seed, stop_ids=(tokenizer.end_id,))
+        even += tokenizer.decode(list(ids)).strip() in {"2", "4", "6", "8"}
+    return even / samples
+
+
+def test_dpo_raises_success_on_pairs_built_from_a_rule(tmp_path):
+    """SFT answers "Pick a number (i)." with any digit 1-9; DPO pairs prefer an even one.
+
+    Pure DPO on a model this small lowers the chosen answers' likelihood along with the rejected
+    ones (it answers "4642" or nothing); the chosen responses' cross-entropy (sft_weight, RPO)
+    keeps them whole."""
+    rng = random.Random(1)
+    digits = [str(d) for d in range(1, 10)]
+    chats = [{"messages": [{"role": "user", "content": f"Pick a number ({i})."},
+                           {"role": "assistant", "content": rng.choice(digits)}]}
+             for i in range(300)]  # fmt: skip
+    pairs = [
+        {"prompt": f"Pick a number ({i}).", "chosen": rng.choice("2468"),
+         "rejected": rng.choice("13579")}
+        for i in range(300)
+    ]  # fmt: skip
+    chat_file = write_jsonl(tmp_path / "chat.jsonl", chats)
+    pair_file = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    run = tiny_run(tmp_path, ["Pick a number. " + " ".join(digits)] * 30, n_layers=1)
+    sets = (f'sft.data=["{chat_file}"]', "sft.max_steps=80", "sft.eval_every=0",
+            "sft.rows_per_step=8", "sft.lr=1e-2", f'dpo.data=["{pair_file}"]', "dpo.max_steps=40",
+            "dpo.eval_every=0", "dpo.lr=3e-3", "dpo.beta=0.5", "dpo.pairs_per_step=16",
+            "dpo.sft_weight=1.0",
+            "dpo.warmup_steps=2", "align.max_new_tokens=4")  # fmt: skip
+    sft.run(recipe(*sets), run, progress=False)
+    baseline = success_rate(run, "sft")
+    assert 0.25 < baseline < 0.7  # about 4/9 of the digits are even
+    result = dpo.run(recipe(*sets), run, progress=False)
+    assert result["val_accuracy"] >= 0.9
+    assert success_rate(run, "dpo") >= 0.9 > baseline + 0.3
