@@ -3,8 +3,13 @@
 Both models get the same shapes, batch, optimizer (AdamW, fused where supported) and precision
 (fp32 on CPU, bf16 autocast on CUDA), and each computes its loss its own way (transformers: the
 `labels=` path). Steps alternate between the two models so that machine noise hits both alike; the
-figure is each model's median step, and the best step is shown too. Prints a table, and with --json
-a last line that is one JSON object.
+figure is each model's median step, and the best step is shown too.
+
+Model FLOP utilisation: the training FLOPs per token (model.flops_per_token: 6 N plus attention) x
+tokens/s, as a share of the device's peak: on CUDA the dense bf16 peak of its datasheet, on CPU the
+fp32 matmul rate measured in the same run (1024^3 matmuls, in turns with the training steps).
+--compile adds scratchlm under torch.compile (compile time not counted). Prints a table, and with
+--json a last line that is one JSON object.
 
     PYTHONPATH=. python bench/train_throughput.py [--preset default|tiny] [--steps 10] [--json]
 """
@@ -95,6 +100,23 @@ def gpu_peak(device: torch.device) -> float | None:
     return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
 
 
+def matmul_step(device: torch.device, repeats: int = 4) -> Callable[[], float]:
+    """Seconds per 1024^3 fp32 matmul (the mean of `repeats` back to back)."""
+    a = torch.randn(1024, 1024, device=device)
+    b = torch.randn(1024, 1024, device=device)
+    out = torch.empty(1024, 1024, device=device)
+
+    def step() -> float:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b, out=out)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / repeats
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
@@ -102,6 +124,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also scratchlm compiled")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -128,15 +151,26 @@ def main() -> None:
         "scratchlm": ours.num_params(),
         "transformers": sum(p.numel() for p in hf.parameters()),
     }
+    if args.compile:
+        compiled = Transformer(cfg).to(device)
+        compiled.load_state_dict(ours.state_dict())
+        loss_of = torch.compile(lambda: cross_entropy_loss(compiled(x), y), fullgraph=True)
+        steps["scratchlm compiled"] = make_step(compiled, loss_of, device, amp)
+        params["scratchlm compiled"] = params["scratchlm"]
+    matmul = matmul_step(device)
     times: dict[str, list[float]] = {name: [] for name in steps}
+    matmul_times: list[float] = []
     for i in range(args.warmup + args.steps):
         for name, step in steps.items() if i % 2 == 0 else reversed(steps.items()):
             elapsed = step()
             if i >= args.warmup:
                 times[name].append(elapsed)
+        if i >= args.warmup:
+            matmul_times.append(matmul())
 
     flops = ours.flops_per_token(seq)
-    peak = gpu_peak(device)
+    matmul_flops = 2 * 1024**3 / statistics.median(matmul_times)
+    peak = gpu_peak(device) if device.type == "cuda" else matmul_flops
     rows = {}
     for name, ts in times.items():
         tok_s = batch * seq / statistics.median(ts)
@@ -147,7 +181,8 @@ def main() -> None:
             "tflops": round(tok_s * flops / 1e12, 4),
             "mfu": round(tok_s * flops / peak, 4) if peak else None,
         }
-    ratio = rows["scratchlm"]["tokens_per_s"] / rows["transformers"]["tokens_per_s"]
+    hf_rate = rows["transformers"]["tokens_per_s"]
+    ratio = rows["scratchlm"]["tokens_per_s"] / hf_rate
     ratio_best = (
         rows["scratchlm"]["best_step_tokens_per_s"] / rows["transformers"]["best_step_tokens_per_s"]
     )
@@ -156,15 +191,25 @@ def main() -> None:
     print(
         f"preset {args.preset}: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
         f"{cfg.n_kv_heads} kv heads, vocab {cfg.vocab_size}, batch {batch} x {seq}, {precision}, "
-        f"{device.type} ({torch.get_num_threads()} threads), {args.steps} timed steps each"
+        f"{device.type} ({torch.get_num_threads()} threads), {args.steps} timed steps each, "
+        f"load average {load:.1f}"
     )
-    print(f"{'model':<14}{'params':>10}{'tokens/s':>12}{'best step':>12}{'TFLOP/s':>10}{'MFU':>8}")
+    peak_name = "its bf16 peak" if device.type == "cuda" else "the fp32 matmul rate"
+    print(
+        f"{'model':<20}{'params':>10}{'tokens/s':>12}{'best step':>12}{'TFLOP/s':>10}{'MFU':>8}"
+        f"{'vs hf':>8}"
+    )
     for name, r in rows.items():
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         print(
-            f"{name:<14}{r['params']:>10,}{r['tokens_per_s']:>12,.0f}"
+            f"{name:<20}{r['params']:>10,}{r['tokens_per_s']:>12,.0f}"
             f"{r['best_step_tokens_per_s']:>12,.0f}{r['tflops']:>10.3f}{mfu:>8}"
+            f"{r['tokens_per_s'] / hf_rate:>7.2f}x"
         )
+    print(
+        f"1024^3 fp32 matmul: {matmul_flops / 1e12:.3f} TFLOP/s in the same run; MFU is against "
+        f"{peak_name}"
+    )
     print(f"scratchlm / transformers: {ratio:.2f}x (median steps), {ratio_best:.2f}x (best steps)")
     if load is not None and device.type == "cpu" and load > (os.cpu_count() or 1):
         print(
@@ -181,10 +226,16 @@ def main() -> None:
             "seq_len": seq,
             "steps": args.steps,
             "load_average": load,
+            "matmul_tflops": round(matmul_flops / 1e12, 4),
             "models": rows,
             "ratio_vs_transformers": round(ratio, 3),
             "ratio_best_steps": round(ratio_best, 3),
+            "mfu": rows["scratchlm"]["mfu"],
         }
+        if args.compile:
+            result["compiled_ratio_vs_transformers"] = round(
+                rows["scratchlm compiled"]["tokens_per_s"] / hf_rate, 3
+            )
         print(json.dumps(result))
 
 

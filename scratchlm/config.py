@@ -72,6 +72,18 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """muon: Muon for the 2-D hidden matrices (attention, MLP), AdamW (lr, weight_decay, beta1,
+    beta2) for embeddings, the output head and norms."""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate; the schedule scales it like lr."""
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    """After the warmup: cosine decay to min_lr, or wsd (warmup-stable-decay): the peak until the
+    last decay_fraction of the run, then a linear decay to min_lr."""
+    decay_fraction: float = 0.2
+    """wsd: the share of the run (steps or max_seconds) spent decaying."""
     micro_batch_size: int = 32
     """Rows per forward pass; lowered (with a note) when a rank's share of the batch is smaller."""
     seed: int = 1337
@@ -89,6 +101,12 @@ class TrainConfig:
     nonfinite_limit: int = 5
     """With on_nonfinite = "skip": this many skipped steps in a row stop the run, with a
     checkpoint."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise UserError(
+                f"recipe key decay_fraction = {self.decay_fraction}: expected a number in (0, 1]"
+            )
 
 
 @dataclass

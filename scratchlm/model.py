@@ -1,8 +1,8 @@
 """The Llama-style decoder: RMSNorm, grouped-query attention with rotary embeddings, SwiGLU.
 
 Nothing here knows about training or parallelism. Speed comes from fewer, bigger kernels: q/k/v is
-one matmul and gate/up is one matmul, and RMSNorm, RoPE, SwiGLU and the loss are autograd Functions
-with hand-written backward passes that save only what they need and write gradients in place.
+one matmul and gate/up is one matmul, and RMSNorm, RoPE, SwiGLU and the loss are custom ops with
+hand-written backward passes (kernels.py) that torch.compile sees as single graph nodes.
 
 Both fused weights are stored in groups (one group per key/value head): `wqkv` rows are
 [q heads of group 0, k head 0, v head 0, q heads of group 1, ...] and `w_gate_up` rows are
@@ -21,6 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.errors import UserError
+from scratchlm.kernels import cross_entropy_loss, rms_norm, split_qkv_rope, swiglu
+
+__all__ = [
+    "AttentionContext",
+    "KVCache",
+    "ModelConfig",
+    "PackedRows",
+    "Transformer",
+    "cross_entropy_loss",
+]
 
 
 @dataclass
@@ -74,130 +84,6 @@ class ModelConfig:
         return cls(**data)
 
 
-def _rotate(x: torch.Tensor, freqs: torch.Tensor, out: torch.Tensor) -> None:
-    """out = x with each pair (2i, 2i+1) of the last dim rotated by the unit complex freqs[t, i].
-
-    One complex multiply is about 5x faster on CPU than the four strided real ops of the
-    "rotate_half" pairing (i, i + d/2); attention scores do not depend on how the head dim is
-    ordered, and the Hugging Face exporter permutes the q/k rows to rotate_half order.
-    """
-    pairs = x.unflatten(-1, (-1, 2))
-    if x.dtype in (torch.float32, torch.float64):
-        torch.mul(
-            torch.view_as_complex(pairs),
-            freqs,
-            out=torch.view_as_complex(out.unflatten(-1, (-1, 2))),
-        )
-    else:  # no complex bf16: rotate in fp32 and round once
-        out.copy_(torch.view_as_real(torch.view_as_complex(pairs.float()) * freqs).flatten(-2))
-
-
-class _SplitQKVRope(torch.autograd.Function):
-    """Grouped fused qkv [B, T, G*(R+2)*hd] -> q [B,T,G*R,hd], k [B,T,G,hd] (rotated), v [B,T,G,hd].
-
-    freqs is [T, hd/2] (every row at the same positions) or [B, T, hd/2] (positions per row).
-
-    Saves nothing but the rotation table; the backward rotates the other way and writes all three
-    gradients into one buffer laid out like the fused projection's output.
-    """
-
-    @staticmethod
-    def forward(ctx, qkv, freqs, n_rep: int, head_dim: int):  # type: ignore[override]
-        B, T, width = qkv.shape
-        groups = width // ((n_rep + 2) * head_dim)
-        x = qkv.view(B, T, groups, n_rep + 2, head_dim)
-        freqs = freqs.to(torch.complex128 if qkv.dtype == torch.float64 else torch.complex64)
-        table = freqs.unsqueeze(-2).unsqueeze(-2)  # [(B,) T, 1, 1, head_dim / 2]
-        q = qkv.new_empty(B, T, groups, n_rep, head_dim)
-        k = qkv.new_empty(B, T, groups, 1, head_dim)
-        _rotate(x[:, :, :, :n_rep], table, q)
-        _rotate(x[:, :, :, n_rep : n_rep + 1], table, k)
-        v = x[:, :, :, n_rep + 1].clone()
-        ctx.save_for_backward(freqs)
-        ctx.shape = (B, T, groups, n_rep, head_dim)
-        return q.view(B, T, groups * n_rep, head_dim), k.view(B, T, groups, head_dim), v
-
-    @staticmethod
-    def backward(ctx, grad_q, grad_k, grad_v):  # type: ignore[override]
-        (freqs,) = ctx.saved_tensors
-        B, T, groups, n_rep, head_dim = ctx.shape
-        grad = grad_q.new_empty(B, T, groups, n_rep + 2, head_dim)
-        inverse = freqs.conj().resolve_conj().unsqueeze(-2).unsqueeze(-2)
-        _rotate(grad_q.unflatten(2, (groups, n_rep)), inverse, grad[:, :, :, :n_rep])
-        _rotate(grad_k.unsqueeze(3), inverse, grad[:, :, :, n_rep : n_rep + 1])
-        grad[:, :, :, n_rep + 1].copy_(grad_v)
-        return grad.view(B, T, -1), None, None, None
-
-
-def _chunk_rows(n_cols: int, device: torch.device) -> int:
-    """Rows per chunk for row-wise loops: 2 MiB of fp32 on CPU (each thread's half stays in L2;
-    smaller chunks mean more thread barriers per step), everything at once on GPU."""
-    return max(1, (1 << 19 if device.type == "cpu" else 1 << 30) // n_cols)
-
-
-class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up from the grouped fused gate/up output; saves only that output.
-
-    The backward writes the gradient over the saved gate/up output (nothing else holds it) chunk
-    by chunk, so the five elementwise steps run in cache and no new buffer is allocated.
-    """
-
-    @staticmethod
-    def forward(ctx, gate_up, groups: int):  # type: ignore[override]
-        x = gate_up.unflatten(-1, (groups, 2, -1))
-        hidden = F.silu(x.select(-2, 0)).mul_(x.select(-2, 1))
-        ctx.save_for_backward(gate_up)
-        ctx.groups = groups
-        return hidden.flatten(-2)
-
-    @staticmethod
-    def backward(ctx, grad_hidden):  # type: ignore[override]
-        (gate_up,) = ctx.saved_tensors
-        x = gate_up.view(-1, ctx.groups, 2, gate_up.shape[-1] // (2 * ctx.groups))
-        grad_h = grad_hidden.reshape(-1, ctx.groups, x.shape[-1])
-        rows = _chunk_rows(grad_h.shape[1] * grad_h.shape[2], gate_up.device)
-        for start in range(0, x.shape[0], rows):
-            chunk, g = x[start : start + rows], grad_h[start : start + rows]
-            gate, up = chunk[:, :, 0], chunk[:, :, 1]
-            sig = torch.sigmoid(gate)
-            silu = gate * sig
-            # d silu / d gate = sig + silu * (1 - sig)
-            grad_gate = sig.addcmul_(silu, sig, value=-1.0).add_(silu).mul_(up).mul_(g)
-            torch.mul(silu, g, out=up)
-            gate.copy_(grad_gate)
-        return gate_up, None
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """x in at least fp32 (bf16 and fp16 statistics lose too much precision)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-class _RMSNorm(torch.autograd.Function):
-    """x / rms(x) * weight; the backward's row and column sums are matrix-vector products."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps: float):  # type: ignore[override]
-        xf = _upcast(x)
-        norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
-        rstd = norm.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-        ctx.save_for_backward(x, weight, rstd)
-        return (xf * rstd).to(x.dtype).mul_(weight)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        x, weight, rstd = ctx.saved_tensors
-        dim = x.shape[-1]
-        xf, g = _upcast(x).reshape(-1, dim), _upcast(grad_out).reshape(-1, dim)
-        w, r = weight.to(g.dtype), rstd.reshape(-1, 1)
-        prod = g * xf
-        grad_w = r.view(-1) @ prod
-        # d/dx of x * r(x) * w: r * g * w - x * r^3 * <g * w, x> / dim
-        coef = (prod @ w).unsqueeze(1).mul_(r.pow(3)).div_(dim)
-        grad_x = torch.mul(g, w, out=prod).mul_(r).addcmul_(xf, coef, value=-1.0)
-        return grad_x.view(x.shape).to(x.dtype), grad_w.to(weight.dtype), None
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -205,58 +91,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNorm.apply(x, self.weight, self.eps)
-
-
-class _CrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy whose gradient (softmax - one_hot) is made in the same pass as the loss.
-
-    Rows go through in chunks that stay in cache: log_softmax into the gradient buffer, the loss
-    read from it at the targets, then exp and scale in place. The [N, V] logits are read once and
-    the gradient written once; the backward scales it in place (a second backward through the same
-    loss is refused by autograd's saved-tensor version check).
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, ignore_index: int):  # type: ignore[override]
-        n, vocab = logits.shape
-        compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-        valid = targets != ignore_index
-        scale = 1.0 / valid.sum().clamp(min=1).to(compute_dtype)
-        row_scale = (valid * scale).unsqueeze(1)  # 0 for ignored rows: their gradient is 0
-        safe_targets = targets.masked_fill(~valid, 0).unsqueeze(1)
-        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
-        in_place = grad is not None and grad.dtype == compute_dtype
-        target_logp = logits.new_empty(n, 1, dtype=compute_dtype)
-        rows = _chunk_rows(vocab, logits.device)
-        for start in range(0, n, rows):
-            end = min(start + rows, n)
-            chunk = logits[start:end].to(compute_dtype)
-            logp = torch.log_softmax(chunk, -1, out=grad[start:end] if in_place else None)
-            target_logp[start:end] = logp.gather(1, safe_targets[start:end])
-            if grad is not None:
-                probs = logp.exp_().mul_(row_scale[start:end])
-                if not in_place:
-                    grad[start:end] = probs
-        loss = -(target_logp.squeeze(1) * valid).sum() * scale
-        if grad is not None:
-            grad.scatter_add_(1, safe_targets, -row_scale.to(grad.dtype))
-            ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_loss.to(grad.dtype)), None, None
-
-
-def cross_entropy_loss(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
-) -> torch.Tensor:
-    """Mean cross-entropy over targets that are not ignore_index; logits [..., V], targets [...]."""
-    return _CrossEntropy.apply(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index
-    )
+        return rms_norm(x, self.weight, self.eps)
 
 
 class AttentionContext:
@@ -363,7 +198,7 @@ class Attention(nn.Module):
         self, x: torch.Tensor, freqs: torch.Tensor, context: AttentionContext, layer: str
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = _SplitQKVRope.apply(self.wqkv(x), freqs, self.n_rep, self.head_dim)
+        q, k, v = split_qkv_rope(self.wqkv(x), freqs, self.n_rep, self.head_dim)
         out = context.attend(layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -379,7 +214,7 @@ class FeedForward(nn.Module):
         gate_up = self.w_gate_up(x)
         # Under tensor parallelism this rank holds a whole number of the groups.
         local_groups = self.groups * gate_up.shape[-1] // self.w_gate_up.out_features
-        return self.w_down(_SwiGLU.apply(gate_up, max(1, local_groups)))
+        return self.w_down(swiglu(gate_up, max(1, local_groups)))
 
 
 class TransformerBlock(nn.Module):

@@ -5,15 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from scratchlm import kernels
 from scratchlm.errors import UserError
-from scratchlm.model import (
-    ModelConfig,
-    Transformer,
-    _RMSNorm,
-    _SplitQKVRope,
-    _SwiGLU,
-    cross_entropy_loss,
-)
+from scratchlm.kernels import rms_norm, split_qkv_rope, swiglu
+from scratchlm.model import ModelConfig, Transformer, cross_entropy_loss
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -114,7 +109,7 @@ def test_rope_is_the_closed_form_rotation():
     model = Transformer(tiny(dim=16, n_heads=2, n_kv_heads=1, rope_theta=theta))
     qkv = torch.randn(1, T, 4 * hd)  # one group: 2 q heads, k, v
     freqs = torch.complex(model.rope_cos[:T], model.rope_sin[:T])
-    q, k, v = _SplitQKVRope.apply(qkv, freqs, 2, hd)
+    q, k, v = split_qkv_rope(qkv, freqs, 2, hd)
     x = qkv.view(1, T, 4, hd)
     for t in range(T):
         for i in range(hd // 2):
@@ -131,11 +126,11 @@ def test_custom_backwards_match_finite_differences():
     torch.manual_seed(0)
     d = dict(dtype=torch.float64, requires_grad=True)
     x, w = torch.randn(3, 5, 8, **d), torch.randn(8, **d)
-    assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-5), (x, w))
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-5), (x, w))
     # SwiGLU's backward reuses its saved input, which gradcheck's repeated backwards forbid.
     gate_up = torch.randn(2, 3, 12, **d)
     grad_out = torch.randn(2, 3, 6, dtype=torch.float64)
-    (ours,) = torch.autograd.grad(_SwiGLU.apply(gate_up * 1, 2), gate_up, grad_out)
+    (ours,) = torch.autograd.grad(swiglu(gate_up * 1, 2), gate_up, grad_out)
     parts = gate_up.unflatten(-1, (2, 2, 3))
     plain = (F.silu(parts[..., 0, :]) * parts[..., 1, :]).flatten(-2)
     (expected,) = torch.autograd.grad(plain, gate_up, grad_out)
@@ -144,7 +139,7 @@ def test_custom_backwards_match_finite_differences():
         torch.ones(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     )
     qkv = torch.randn(2, 4, 2 * 4 * 4, **d)  # 2 groups of (2 q, k, v) heads of size 4
-    assert torch.autograd.gradcheck(lambda a: _SplitQKVRope.apply(a, freqs, 2, 4), (qkv,))
+    assert torch.autograd.gradcheck(lambda a: split_qkv_rope(a, freqs, 2, 4), (qkv,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -293,3 +288,117 @@ def test_scalar_head_gives_one_value_per_position():
     assert model.output.weight is not model.tok_embeddings.weight
     with pytest.raises(UserError, match="model head 'value'"):
         tiny(head="value")
+
+
+def _opcheck_cases():
+    torch.manual_seed(0)
+    freqs = torch.polar(torch.ones(6, 4), torch.randn(6, 4))
+    grad = dict(requires_grad=True)
+    return [
+        (kernels._rms_norm, (torch.randn(2, 6, 16, **grad), torch.randn(16, **grad), 1e-5)),
+        (kernels._split_qkv_rope, (torch.randn(2, 6, 2 * 4 * 8, **grad), freqs, 2, 8)),
+        (kernels._split_qkv_rope, (torch.randn(2, 6, 4 * 8, **grad), freqs.expand(2, 6, 4), 2, 8)),
+        (kernels._swiglu, (torch.randn(2, 6, 24), 2)),
+        (
+            kernels._cross_entropy,
+            (torch.randn(12, 30, **grad), torch.randint(0, 30, (12,)), -100, True),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_custom_ops_pass_opcheck(case):
+    """Schema, fake (shape-only) implementation and autograd registration agree with the real
+    kernels, as torch.compile needs them to."""
+    op, args = _opcheck_cases()[case]
+    # SwiGLU's backward overwrites its saved input, which opcheck's repeated backwards forbid
+    # (its gradient is checked against autograd in test_custom_backwards_match_finite_differences).
+    # opcheck's AOT test returns every output, the loss's gradient buffer too, which the model
+    # never does (test_model_compiles_without_graph_breaks traces the loss as it is used).
+    tests = ["test_schema", "test_faketensor"]
+    if op is not kernels._swiglu:
+        tests.append("test_autograd_registration")
+    if op not in (kernels._swiglu, kernels._cross_entropy):
+        tests.append("test_aot_dispatch_dynamic")
+    torch.library.opcheck(op, args, test_utils=tests)
+
+
+def _graph_ops(fn, *args):
+    """Run fn under torch.compile(fullgraph=True) with AOTAutograd (forward and backward traced,
+    no code generation); returns its result and the list of ops of the traced graphs, which the
+    backward's ops join when it runs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    seen: list[str] = []
+
+    def record(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function":
+                # A mutating op (SwiGLU's backward) is wrapped to keep the graph functional.
+                wrapped = "auto_functionalized" in str(node.target)
+                seen.append(str(node.args[0] if wrapped else node.target))
+        return make_boxed_func(gm.forward)
+
+    compiled = torch.compile(
+        fn, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record)
+    )
+    return compiled(*args), seen
+
+
+@pytest.mark.parametrize("custom", [True, False])
+def test_model_compiles_without_graph_breaks(custom, monkeypatch):
+    """fullgraph=True fails on any graph break. With custom ops each kernel is one node of the
+    traced forward and backward; without, inductor gets plain ops. Both match eager."""
+    names = ["split_qkv_rope", "swiglu", "rms_norm", "cross_entropy"]
+    monkeypatch.setitem(kernels.COMPILED_USES_CUSTOM, "cpu", dict.fromkeys(names, custom))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    tokens = torch.randint(0, 97, (2, 21))
+
+    def loss_of(x, y):
+        return cross_entropy_loss(model(x), y)
+
+    eager = loss_of(tokens[:, :-1], tokens[:, 1:])
+    eager.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss, ops = _graph_ops(loss_of, tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    torch.testing.assert_close(loss, eager)
+    for p, want in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6)
+    custom_ops = {op.split(".")[1] for op in ops if op.startswith("scratchlm.")}
+    expected_ops = {
+        "rms_norm",
+        "rms_norm_backward",
+        "split_qkv_rope",
+        "split_qkv_rope_backward",
+        "swiglu",
+        "swiglu_backward",
+        "cross_entropy",
+    }
+    assert custom_ops == (expected_ops if custom else set())
+
+
+@pytest.mark.slow
+def test_inductor_compiled_training_matches_eager():
+    """The real compiler (inductor, C++ on CPU) around the custom ops: same loss and gradients."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    tokens = torch.randint(0, 97, (2, 21))
+
+    def loss_of(x, y):
+        return cross_entropy_loss(model(x), y)
+
+    eager = loss_of(tokens[:, :-1], tokens[:, 1:])
+    eager.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss = torch.compile(loss_of, fullgraph=True)(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    torch.testing.assert_close(loss, eager)
+    for p, want in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6)

@@ -299,6 +299,11 @@ class Session:
         gives it. `name` tells trained models of one stage apart; "model" is the stage's result.
         `pipeline_loss(logits, targets)` is needed under pipeline parallelism."""
         micro, accum = batch
+        if self.parallel_cfg.engine == "deepspeed" and self.cfg.optimizer == "muon":
+            raise UserError(
+                f"{self.stage}.optimizer = 'muon' does not run under DeepSpeed, whose ZeRO "
+                "flattens the matrices Muon orthogonalises; use parallel.engine = 'torch' (FSDP2)"
+            )
         if name in self.trainers:
             raise ValueError(f"a trainer named {name!r} exists already")
         if (self.dist.pipeline is not None or self.dist.deepspeed is not None) and self.trainers:
