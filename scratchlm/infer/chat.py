@@ -105,6 +105,9 @@ def chat_in_terminal(
         stop_token_ids=(tokenizer.end_id, tokenizer.eos_id),
     )
     sampling.check()
+    # Ctrl-C must reach us even when the launcher ignored SIGINT (a background job, a test
+    # runner's worker): an ignored disposition is inherited and would outlive the first answer.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"chat with {path} ({context} tokens of context). {HELP}.", flush=True)
     while True:
         try:
