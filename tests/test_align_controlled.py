@@ -48,17 +48,20 @@ def test_reward_model_learns_a_planted_preference(tmp_path):
 
 
 def success_rate(run, stage, samples=120):
-    """Share of sampled answers to an unseen "Pick a number" prompt that are an even digit."""
+    """Shares of sampled answers to an unseen "Pick a number" prompt that start with an even
+    digit (what the pairs prefer), and that are one character (the answer kept whole)."""
     from scratchlm.infer.generate import generate
 
     model, tokenizer = load(run / stage)
     question = [{"role": "user", "content": "Pick a number (1000)."}]
     prompt, _ = tokenizer.encode_chat(question, add_generation_prompt=True)
-    even = 0
+    even = whole = 0
     for seed in range(samples):
         ids = generate(model, prompt, 4, temperature=1.0, seed=seed, stop_ids=(tokenizer.end_id,))
-        even += tokenizer.decode(list(ids)).strip() in {"2", "4", "6", "8"}
-    return even / samples
+        text = tokenizer.decode(list(ids)).strip()
+        even += text[:1] in {"2", "4", "6", "8"}
+        whole += len(text) == 1
+    return even / samples, whole / samples
 
 
 def test_dpo_raises_success_on_pairs_built_from_a_rule(tmp_path):
@@ -86,8 +89,11 @@ def test_dpo_raises_success_on_pairs_built_from_a_rule(tmp_path):
             "dpo.sft_weight=1.0",
             "dpo.warmup_steps=2", "align.max_new_tokens=4")  # fmt: skip
     sft.run(recipe(*sets), run, progress=False)
-    baseline = success_rate(run, "sft")
+    baseline, whole = success_rate(run, "sft")
     assert 0.25 < baseline < 0.7  # about 4/9 of the digits are even
     result = dpo.run(recipe(*sets), run, progress=False)
     assert result["val_accuracy"] >= 0.9
-    assert success_rate(run, "dpo") >= 0.9 > baseline + 0.3
+    assert whole > 0.95
+    even, whole = success_rate(run, "dpo")
+    assert even >= 0.9 > baseline + 0.3
+    assert whole >= 0.7  # without sft_weight it drifts to "4642" or nothing
