@@ -34,6 +34,8 @@ TINY = [
     "pretrain.keep_checkpoints=5",
     "pretrain.lr=1e-2",
     "pretrain.device=cpu",
+    # The command line reads recipes/tiny.toml (Muon) where load_recipe(None) has the defaults.
+    "pretrain.optimizer=adamw",
     "sample.max_new_tokens=8",
 ]
 

@@ -23,7 +23,7 @@ from scratchlm.evaluate.tasks import EvalOptions, get_task
 from scratchlm.infer.generate import generate
 from scratchlm.loading import from_checkpoint, is_run_dir, latest_checkpoint_dir
 from scratchlm.shards import check_tokenizer, read_meta
-from scratchlm.train.checkpoint import load_checkpoint
+from scratchlm.train.checkpoint import list_checkpoints, load_checkpoint
 
 
 def run_tasks(
@@ -128,16 +128,20 @@ def options_from(recipe: Recipe, **overrides: Any) -> EvalOptions:
 
 
 def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
-    """The eval stage: the run's newest checkpoint on its validation split, the recipe's
-    samples and the recipe's tasks (eval.tasks)."""
-    return evaluate_checkpoint(
-        latest_checkpoint_dir(run_dir),
-        recipe,
-        recipe.eval.tasks,
-        options_from(recipe),
-        run_dir=run_dir,
-        validation=True,
+    """The eval stage: the pretrained model on the validation split, the recipe's samples and
+    tasks (eval.tasks); when the run went on to alignment, its newest aligned model on the same
+    tasks too (under "aligned"), so the report shows what alignment did to the scores."""
+    newest = latest_checkpoint_dir(run_dir)
+    base = run_dir / "pretrain" if list_checkpoints(run_dir / "pretrain") else newest
+    options = options_from(recipe)
+    result = evaluate_checkpoint(
+        base, recipe, recipe.eval.tasks, options, run_dir=run_dir, validation=True
     )
+    if newest != base and recipe.eval.tasks:
+        result["aligned"] = evaluate_checkpoint(
+            newest, recipe, recipe.eval.tasks, options, run_dir=run_dir
+        )
+    return result
 
 
 def evaluate_checkpoint(
