@@ -44,7 +44,7 @@ def test_reward_model_learns_a_planted_preference(tmp_path):
     options = EvalOptions(data=str(held_out), checkpoint=str(run / "reward"))
     figures = PreferenceTask().run(model, tokenizer, options)
     assert figures["scorer"] == "reward model" and figures["n"] == 200
-    assert figures["acc"] >= 0.95 and figures["ci95"][0] > 0.9
+    assert figures["accuracy"] >= 0.95 and figures["ci95"][0] > 0.9
 
 
 def success_rate(run, stage, samples=120):

@@ -79,7 +79,7 @@ def test_pipeline_runs_align_stages_then_skips_them(cli, tmp_path):
     assert scored.returncode == 0, scored.stderr
     figures = json.loads(scored.stdout.strip().splitlines()[-1])["tasks"]["preference"]
     assert figures["scorer"] == "reward model" and figures["n"] == len(pairs)
-    assert 0 <= figures["ci95"][0] <= figures["acc"] <= figures["ci95"][1] <= 1
+    assert 0 <= figures["ci95"][0] <= figures["accuracy"] <= figures["ci95"][1] <= 1
     # ... and a policy by its implicit reward against the SFT model it started from.
     implicit = cli("eval", str(run / "dpo"), "--tasks", "preference", "--data", str(pair_file),
                    "--json")  # fmt: skip

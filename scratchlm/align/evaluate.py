@@ -122,12 +122,11 @@ class PreferenceTask(Task):
             chosen, rejected = pc - rc, pr - rr
             scorer = f"implicit reward against {origin_of(checkpoint)}"
         figures = accuracy_figures(chosen, rejected)
-        n, acc = figures["n"], figures.pop("accuracy")
+        n, accuracy = figures["n"], figures["accuracy"]
         return {
-            "acc": acc,
-            "acc_stderr": math.sqrt(acc * (1 - acc) / max(n - 1, 1)),
-            "chance": 0.5,
             **figures,
+            "accuracy_stderr": math.sqrt(accuracy * (1 - accuracy) / max(n - 1, 1)),
+            "chance": 0.5,
             "scorer": scorer,
             "data": str(options.data),
             "set_aside": set_aside,
