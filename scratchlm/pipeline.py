@@ -226,16 +226,8 @@ def prepare_stage_dir(run_dir: Path, stage: str, resume: bool, fingerprint: str 
 def run_align_stage(
     stage: str, recipe: Recipe, run_dir: Path, resume: bool = False, fingerprint: str = ""
 ) -> dict[str, Any]:
-    """Run an alignment stage (scratchlm.align.<stage>.run); one clear line if it is absent."""
-    try:
-        module = importlib.import_module(f"scratchlm.align.{stage}")
-    except ModuleNotFoundError as e:
-        if e.name != f"scratchlm.align.{stage}":
-            raise
-        raise UserError(
-            f"the {stage} stage is not available in this version of scratchlm "
-            f"(no module scratchlm.align.{stage}); remove it from align.stages"
-        ) from None
+    """Run an alignment stage: scratchlm.align.<stage>.run (every name in ALIGN_STAGES has one)."""
+    module = importlib.import_module(f"scratchlm.align.{stage}")
     prepare_stage_dir(run_dir, stage, resume, fingerprint)
     return module.run(recipe, run_dir, resume=resume)
 

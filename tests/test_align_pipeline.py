@@ -1,19 +1,14 @@
 """The alignment stages inside `scratchlm pipeline`, then evaluated, generated from and reported."""
 
 import gzip
-import importlib.util
 import json
 import random
 
-import pytest
 from align_helpers import random_words, write_jsonl
 from conftest import ROOT
 from test_pretrain import TINY
 
-from scratchlm.config import load_recipe
-from scratchlm.errors import UserError
 from scratchlm.loading import latest_checkpoint_dir
-from scratchlm.pipeline import run_align_stage
 
 
 def test_pipeline_runs_align_stages_then_skips_them(cli, tmp_path):
@@ -89,11 +84,3 @@ def test_pipeline_runs_align_stages_then_skips_them(cli, tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"text": "not a pair"}])
     refused = cli("eval", str(run), "--tasks", "preference", "--data", str(empty))
     assert refused.returncode == 2 and refused.stderr.startswith("error: no usable preference")
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("scratchlm.align.grpo") is not None, reason="grpo is available"
-)
-def test_a_stage_not_in_this_version_says_so(tmp_path):
-    with pytest.raises(UserError, match="the grpo stage is not available"):
-        run_align_stage("grpo", load_recipe(None), tmp_path)
