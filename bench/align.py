@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -109,6 +110,7 @@ def reward_from_pretrained(run_dir: Path, recipe: Recipe) -> Path:
 
     base = run_dir / "baselines" / "reward-from-pretrain"
     base.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(run_dir / "tokenizer.json", base / "tokenizer.json")  # its checkpoints load it
     pretrained = (run_dir / "pretrain" / "latest").resolve()
     baseline = load_recipe(run_dir / "recipe.toml", [f"reward.init_from='{pretrained}'"])
     made_from = json.dumps({"reward": dataclasses.asdict(baseline.reward)})
