@@ -33,6 +33,7 @@ from scratchlm.align.rl import (
     rank_slice,
     read_prompts,
     response_text,
+    run_rollout_stage,
     sample_answers,
     start_policy,
     step_seed,
@@ -45,7 +46,7 @@ from scratchlm.align.rollout import (
     score_rows,
     token_entropy,
 )
-from scratchlm.align.stage import StartedFrom, write_answers
+from scratchlm.align.stage import StartedFrom
 from scratchlm.align.tasks import load_reward_fn
 from scratchlm.config import Recipe
 from scratchlm.errors import UserError
@@ -205,26 +206,13 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
             "val_response_length": sum(len(s.tokens) for s in samples) / len(samples),
         }
 
-    start_val = evaluate() if session.restored is None else {}
-    if start_val:
-        session.log.write(0, **start_val)
-    result = session.run(train_step, evaluate, stateful)
-    summary = f"grpo: step {result['step']}"
-    if "val_reward" in result:
-        before = f" (from {start_val['val_reward']:.3f})" if start_val else ""
-        summary += (
-            f", held-out reward {result['val_reward']:.3f}{before} on {len(held_out)} greedy "
-            f"answers, {result['val_end_rate']:.0%} ended"
-        )
-    session.say(
-        f"{summary}, {skipped.count} rollouts skipped, {result['seconds']:.0f} s; "
-        f"saved {result['checkpoint']}"
+    return run_rollout_stage(
+        session,
+        train_step,
+        evaluate,
+        stateful,
+        skipped,
+        recipe,
+        start.checkpoint.path,
+        lambda r: f" on {len(held_out)} greedy answers, {r['val_end_rate']:.0%} ended",
     )
-    answers = write_answers(recipe, run_dir, "grpo", result["checkpoint"]) if dist.is_main else []
-    return {
-        **result,
-        "start_val_reward": start_val.get("val_reward"),
-        "skipped_rollouts": skipped.count,
-        "answers": answers,
-        "started_from": str(start.checkpoint.path),
-    }

@@ -52,6 +52,7 @@ from scratchlm.align.rl import (
     response_text,
     reward_checkpoint,
     reward_model_scores,
+    run_rollout_stage,
     sample_answers,
     start_policy,
     step_seed,
@@ -64,7 +65,7 @@ from scratchlm.align.rollout import (
     score_rows,
     token_entropy,
 )
-from scratchlm.align.stage import StartedFrom, write_answers
+from scratchlm.align.stage import StartedFrom
 from scratchlm.align.tasks import load_reward_fn
 from scratchlm.config import PPOConfig, Recipe
 from scratchlm.errors import UserError
@@ -282,26 +283,13 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
             "val_response_length": float(rows.mask.sum(1).mean()),
         }
 
-    start_val = evaluate() if session.restored is None else {}
-    if start_val:
-        session.log.write(0, **start_val)
-    result = session.run(train_step, evaluate, stateful)
-    summary = f"ppo: step {result['step']}"
-    if "val_reward" in result:
-        before = f" (from {start_val['val_reward']:.3f})" if start_val else ""
-        summary += (
-            f", held-out reward {result['val_reward']:.3f}{before}, KL {result['val_kl']:.2f} "
-            f"nats, {result['val_end_rate']:.0%} ended"
-        )
-    session.say(
-        f"{summary}, {skipped.count} rollouts skipped, {result['seconds']:.0f} s; "
-        f"saved {result['checkpoint']}"
+    return run_rollout_stage(
+        session,
+        train_step,
+        evaluate,
+        stateful,
+        skipped,
+        recipe,
+        start.checkpoint.path,
+        lambda r: f", KL {r['val_kl']:.2f} nats, {r['val_end_rate']:.0%} ended",
     )
-    answers = write_answers(recipe, run_dir, "ppo", result["checkpoint"]) if dist.is_main else []
-    return {
-        **result,
-        "start_val_reward": start_val.get("val_reward"),
-        "skipped_rollouts": skipped.count,
-        "answers": answers,
-        "started_from": str(start.checkpoint.path),
-    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,9 @@ from scratchlm.align.data import write_rejects
 from scratchlm.align.prompts import Prompt, Prompts, load_prompts
 from scratchlm.align.reward import score
 from scratchlm.align.rollout import Sample, sample_batch
-from scratchlm.align.stage import language_model, start_checkpoint, tokenizer_for
+from scratchlm.align.stage import language_model, start_checkpoint, tokenizer_for, write_answers
 from scratchlm.align.tasks import RewardFn, call_reward
-from scratchlm.config import ParallelConfig, RolloutConfig
+from scratchlm.config import ParallelConfig, Recipe, RolloutConfig
 from scratchlm.errors import UserError
 from scratchlm.loading import is_run_dir
 from scratchlm.model import ModelConfig, Transformer
@@ -252,3 +253,41 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def run_rollout_stage(
+    session: Session,
+    train_step: Callable[[], dict[str, float]],
+    evaluate: Callable[[], dict[str, float]],
+    stateful: dict[str, Any],
+    skipped: SkippedRollouts,
+    recipe: Recipe,
+    started_from: Path,
+    describe: Callable[[dict[str, Any]], str],
+) -> dict[str, Any]:
+    """What PPO and GRPO share around the loop: the held-out figures before the first step (on a
+    fresh start), the run, one summary line (`describe` adds the stage's own figures), the greedy
+    answers to align.prompts, and the stage's result."""
+    stage = session.stage
+    start_val = evaluate() if session.restored is None else {}
+    if start_val:
+        session.log.write(0, **start_val)
+    result = session.run(train_step, evaluate, stateful)
+    summary = f"{stage}: step {result['step']}"
+    if "val_reward" in result:
+        before = f" (from {start_val['val_reward']:.3f})" if start_val else ""
+        summary += f", held-out reward {result['val_reward']:.3f}{before}{describe(result)}"
+    session.say(
+        f"{summary}, {skipped.count} rollouts skipped, {result['seconds']:.0f} s; "
+        f"saved {result['checkpoint']}"
+    )
+    run_dir = session.stage_dir.parent
+    is_main = session.dist.is_main
+    answers = write_answers(recipe, run_dir, stage, result["checkpoint"]) if is_main else []
+    return {
+        **result,
+        "start_val_reward": start_val.get("val_reward"),
+        "skipped_rollouts": skipped.count,
+        "answers": answers,
+        "started_from": str(started_from),
+    }
