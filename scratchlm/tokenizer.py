@@ -129,6 +129,7 @@ class Tokenizer:
         self.pad_id = self.special_ids[PAD]
         self.end_id = self.special_ids[END]
         self._token_bytes: np.ndarray | None = None
+        self._splits_at_line_starts: bool | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -146,6 +147,21 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._text.get_vocab_size()
+
+    @property
+    def splits_at_line_starts(self) -> bool:
+        """Whether no token spans a newline followed by a letter, so that the text after such a
+        point encodes alone as it does inside the whole text. True for this module's pipeline (no
+        normalizer; the split regex above: a chunk that holds a newline never goes on into a
+        letter; byte level with no prefix space); other tokenizers are not assumed to."""
+        if self._splits_at_line_starts is None:
+            self._splits_at_line_starts = (
+                self._text.normalizer is None
+                and self._text.pre_tokenizer is not None
+                and self._text.pre_tokenizer.__getstate__()
+                == _new_bpe().pre_tokenizer.__getstate__()
+            )
+        return self._splits_at_line_starts
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of plain text; special-token spellings in it are encoded as ordinary text."""

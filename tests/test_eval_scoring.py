@@ -1,5 +1,6 @@
 """The in-house scorer: tree-packed requests give the log-likelihoods of one row per request."""
 
+import gzip
 import random
 
 import pytest
@@ -9,9 +10,17 @@ import torch.nn.functional as F
 from scratchlm.device import pick_runtime
 from scratchlm.evaluate import scoring
 from scratchlm.evaluate.gsm8k import FLEXIBLE, STRICT, exact_match, extract
-from scratchlm.evaluate.scoring import _tries, encode_pairs, rolling_windows, score_requests
+from scratchlm.evaluate.scoring import (
+    TextEncoder,
+    _tries,
+    encode_pairs,
+    rolling_windows,
+    score_requests,
+)
 from scratchlm.evaluate.tasks import combine
 from scratchlm.model import ModelConfig, Transformer
+from scratchlm.paths import PROJECT_ROOT
+from scratchlm.tokenizer import train_tokenizer
 
 RUNTIME = pick_runtime("cpu", "fp32")
 
@@ -139,3 +148,28 @@ def test_gsm8k_answers_are_read_like_the_harness():
     assert extract("no number here", STRICT) == "[invalid]"
     assert not exact_match("[invalid]", "#### 5")
     assert exact_match("$12", "It costs\n#### 12")
+
+
+def test_a_long_context_cut_at_a_line_start_keeps_the_tokens_that_are_read(tmp_path):
+    with gzip.open(PROJECT_ROOT / "data" / "tinyshakespeare" / "input.txt.gz", "rt") as f:
+        text = f.read(200_000)
+    tokenizer = train_tokenizer(text.split("\n\n"), 600, tmp_path / "tokenizer.json")
+    assert tokenizer.splits_at_line_starts
+    encode = TextEncoder(tokenizer)
+    rng = random.Random(0)
+    lines = text.splitlines()
+    examples = []
+    for _ in range(20):  # few-shot-like prompts: many lines, then a question and its choices
+        start = rng.randrange(len(lines) - 80)
+        context = "\n".join(lines[start : start + rng.randrange(1, 80)]) + "\nAnswer:"
+        examples.append([(context, f" {c}") for c in ("A", "B", "yes, my lord")])
+    keep = 33
+    whole = encode_pairs(encode, tokenizer.bos_id, examples)
+    cut = encode_pairs(encode, tokenizer.bos_id, examples, keep_tokens=keep)
+    shorter = 0
+    for requests_whole, requests_cut in zip(whole, cut, strict=True):
+        for (ctx, cont), (cut_ctx, cut_cont) in zip(requests_whole, requests_cut, strict=True):
+            assert cut_cont == cont
+            assert (cut_ctx + cut_cont)[-keep:] == (ctx + cont)[-keep:]
+            shorter += len(cut_ctx) < len(ctx)
+    assert shorter > 20  # most long contexts were cut

@@ -74,11 +74,21 @@ class TextEncoder:
 
 
 def encode_pairs(
-    encode: TextEncoder, prefix_id: int, examples: Sequence[Sequence[tuple[str, str]]]
+    encode: TextEncoder,
+    prefix_id: int,
+    examples: Sequence[Sequence[tuple[str, str]]],
+    keep_tokens: int | None = None,
 ) -> list[list[Pair]]:
     """The harness's tokens for each (context, continuation) request. An empty context becomes
     the prefix token (bos); otherwise the trailing spaces of the context move to the
-    continuation, the whole text is encoded and split where the context's own tokens end."""
+    continuation, the whole text is encoded and split where the context's own tokens end.
+
+    With keep_tokens (the most tokens a request is read back to, max_len + 1) and a tokenizer
+    that splits at line starts (`Tokenizer.splits_at_line_starts`), the same tokens come from
+    less encoding: a context far longer than keep_tokens is encoded from a line start near its
+    end (its last tokens are the same; the front is left out), and the continuation is split off
+    an encoding of the context's last line rather than of the whole text. A few-shot prompt many
+    times the model's context then costs only the part that is read."""
     split = []
     for requests in examples:
         for context, continuation in requests:
@@ -86,21 +96,72 @@ def encode_pairs(
             if spaces:
                 context, continuation = context[:-spaces], context[-spaces:] + continuation
             split.append((context, continuation))
-    texts = sorted({t for c, x in split for t in ((c, c + x) if c else (x,))})
-    ids = dict(zip(texts, encode.many(texts), strict=True))
+    starts = [0] * len(split)  # where the encoding of each context starts
+    lines = [0] * len(split)  # where the encodings that split off its continuation start
+    if keep_tokens and encode.tokenizer.splits_at_line_starts:
+        reach = keep_tokens * CHARS_PER_KEPT_TOKEN
+        for i, (context, _) in enumerate(split):
+            lines[i] = _line_start_before(context, len(context))
+            if len(context) > reach:
+                starts[i] = _line_start_before(context, len(context) - reach)
+    ids = _encode_texts(encode, split, starts, lines)
+    # A start that left fewer than keep_tokens context tokens (long tokens) is undone.
+    short = [
+        i for i, (c, _) in enumerate(split) if starts[i] and len(ids[c[starts[i] :]]) < keep_tokens
+    ]
+    for i in short:
+        starts[i] = 0
+    ids |= _encode_texts(encode, [split[i] for i in short], [0] * len(short), [None] * len(short))
     pairs: list[Pair] = []
-    for context, continuation in split:
+    for (context, continuation), start, line in zip(split, starts, lines, strict=True):
         if not context:
             cont = ids[continuation]
             pairs.append(([prefix_id], cont) if cont[:1] != [prefix_id] else (cont[:1], cont[1:]))
         else:
-            ctx = ids[context]
-            pairs.append((ctx, ids[context + continuation][len(ctx) :]))
+            last_line = ids[context[line:]]
+            cont = ids[(context + continuation)[line:]][len(last_line) :]
+            pairs.append((ids[context[start:]], cont))
     out, at = [], 0
     for requests in examples:
         out.append(pairs[at : at + len(requests)])
         at += len(requests)
     return out
+
+
+# A long context is encoded from a line start about this many characters per kept token before
+# its end (BPE tokens of English text average 3-4 characters; too short a start is undone).
+CHARS_PER_KEPT_TOKEN = 4
+
+
+def _line_start_before(text: str, at: int) -> int:
+    """The last index <= at that starts a line with a letter (0 when there is none)."""
+    newline = text.rfind("\n", 0, at)
+    while newline >= 0:
+        if text[newline + 1 : newline + 2].isalpha():
+            return newline + 1
+        newline = text.rfind("\n", 0, newline)
+    return 0
+
+
+def _encode_texts(
+    encode: TextEncoder,
+    split: list[tuple[str, str]],
+    starts: list[int],
+    lines: list[int | None],
+) -> dict[str, list[int]]:
+    """Token ids of each request's context from its start and, unless its line is None, of its
+    context and of context + continuation from that line (the continuation alone when the
+    context is empty)."""
+    texts = set()
+    for (context, continuation), start, line in zip(split, starts, lines, strict=True):
+        if not context:
+            texts.add(continuation)
+            continue
+        texts.add(context[start:])
+        if line is not None:
+            texts |= {context[line:], (context + continuation)[line:]}
+    ordered = sorted(texts)
+    return dict(zip(ordered, encode.many(ordered), strict=True))
 
 
 def rolling_windows(tokens: list[int], prefix_id: int, max_len: int) -> list[Pair]:
@@ -156,11 +217,12 @@ class _Trie:
         self.owners: list[tuple[int, int]] = []  # (example, request) of each path
         self.paths: list[list[int]] = []
         self.targets: list[list[int]] = []
+        self._last_seq: list[int] = []
 
     def new_nodes(self, seqs: list[list[int]]) -> int:
         """How many nodes adding these sequences would create."""
         created: dict[tuple[int, int], int] = {}  # (parent, token) -> a new node's stand-in id
-        for seq in seqs:
+        for seq in dict.fromkeys(map(tuple, seqs)):  # choices often share their whole input
             node = 0
             for token in seq:
                 child = self.child.get((node, token)) if node >= 0 else None
@@ -170,6 +232,12 @@ class _Trie:
         return len(created)
 
     def add(self, owner: tuple[int, int], seq: list[int], target: list[int]) -> None:
+        if self.paths and len(seq) == len(self.paths[-1]) and self._last_seq == seq:
+            self.owners.append(owner)  # the previous request's input again: the same path
+            self.paths.append(self.paths[-1])
+            self.targets.append(target)
+            return
+        self._last_seq = seq
         node, path = 0, []
         for token in seq:
             child = self.child.get((node, token))
@@ -346,8 +414,8 @@ def _score_batch(
     # One row of logits per position read (a position may predict for several requests).
     unique = (logits if selected[0] else logits.flatten(0, 1)[needed]).float()
     target = torch.tensor(targets, device=device)
-    # log p(target) = logit - logsumexp, without writing out a log-softmax of every row.
-    chosen = (unique[which, target] - torch.logsumexp(unique, -1)[which]).tolist()
+    # One fused log-softmax pass: on CPU it is faster than logsumexp's max, exp and sum passes.
+    chosen = torch.log_softmax(unique, -1)[which, target].tolist()
     if greedy_flags:
         greedy = (unique.argmax(-1)[which] == target).tolist()
     else:

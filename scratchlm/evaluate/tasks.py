@@ -279,7 +279,7 @@ class ScoredTask(PromptTask):
             for _, docs, openings in prepared
             for doc, opening in zip(docs, openings, strict=True)
         ]
-        examples = encode_pairs(encode, prefix, texts)
+        examples = encode_pairs(encode, prefix, texts, model.config.max_seq_len + 1)
         scored = score_requests(
             model, examples, options.batch_size, options.runtime, greedy=self.needs_greedy
         )
