@@ -35,14 +35,13 @@ from scratchlm.align.rl import (
     response_text,
     run_rollout_stage,
     sample_answers,
+    sample_rollout,
     start_policy,
     step_seed,
     trim_padding,
 )
 from scratchlm.align.rollout import (
     NonFiniteLogits,
-    build_rows,
-    sample_batch,
     score_rows,
     token_entropy,
 )
@@ -111,29 +110,17 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
         grouped = [p for p in chosen for _ in range(cfg.group_size)]
         model = parallel.unwrap(actor.model)
         seed = step_seed(cfg.seed, session.step, dist.dp_rank, skipped.count)
-        began = time.time()
         with torch.no_grad(), session.runtime.autocast():
             try:
-                samples = sample_batch(
-                    model,
-                    [p.ids for p in grouped],
-                    cfg.max_new_tokens,
-                    cfg.temperature,
-                    cfg.top_k,
-                    cfg.top_p,
-                    seed,
-                    [tokenizer.end_id],
+                samples, rows, generated = sample_rollout(
+                    model, grouped, cfg, tokenizer, seed, device
                 )
             except NonFiniteLogits as e:
                 return str(e)
-            generated = time.time() - began
             texts = [response_text(s, tokenizer) for s in samples]
             rewards = function_rewards(reward_fn, cfg.reward_fn, grouped, texts)
             if not finite(rewards):
                 return "NaN reward"
-            rows = build_rows(
-                [p.ids for p in grouped], [s.tokens for s in samples], device, tokenizer.pad_id
-            )
             data = {
                 "inputs": rows.inputs,
                 "targets": rows.targets,

@@ -54,6 +54,7 @@ from scratchlm.align.rl import (
     reward_model_scores,
     run_rollout_stage,
     sample_answers,
+    sample_rollout,
     start_policy,
     step_seed,
     trim_padding,
@@ -61,7 +62,6 @@ from scratchlm.align.rl import (
 from scratchlm.align.rollout import (
     NonFiniteLogits,
     build_rows,
-    sample_batch,
     score_rows,
     token_entropy,
 )
@@ -172,25 +172,13 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
         chosen = [prompts.train[i] for i in rank_slice(order.take(cfg.rollout_batch), session)]
         model = parallel.unwrap(actor.model)
         seed = step_seed(cfg.seed, session.step, dist.dp_rank, skipped.count)
-        began = time.time()
         with torch.no_grad(), session.runtime.autocast():
             try:
-                samples = sample_batch(
-                    model,
-                    [p.ids for p in chosen],
-                    cfg.max_new_tokens,
-                    cfg.temperature,
-                    cfg.top_k,
-                    cfg.top_p,
-                    seed,
-                    [tokenizer.end_id],
+                samples, rows, generated = sample_rollout(
+                    model, chosen, cfg, tokenizer, seed, device
                 )
             except NonFiniteLogits as e:
                 return str(e)
-            generated = time.time() - began
-            rows = build_rows(
-                [p.ids for p in chosen], [s.tokens for s in samples], device, tokenizer.pad_id
-            )
             logprobs = score_rows(model, rows, micro) * rows.mask
             ref_logprobs = score_rows(reference, rows, micro) * rows.mask
             values = score_rows(parallel.unwrap(value_trainer.model), rows, micro, True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from scratchlm.align.batches import pad_rows
 from scratchlm.align.data import write_rejects
 from scratchlm.align.prompts import Prompt, Prompts, load_prompts
 from scratchlm.align.reward import score
-from scratchlm.align.rollout import Sample, sample_batch
+from scratchlm.align.rollout import Rows, Sample, build_rows, sample_batch
 from scratchlm.align.stage import language_model, start_checkpoint, tokenizer_for, write_answers
 from scratchlm.align.tasks import RewardFn, call_reward
 from scratchlm.config import ParallelConfig, Recipe, RolloutConfig
@@ -180,6 +181,34 @@ def sample_answers(
             stop_ids=[tokenizer.end_id],
         )
     return samples
+
+
+def sample_rollout(
+    model: Transformer,
+    prompts: list[Prompt],
+    cfg: RolloutConfig,
+    tokenizer: Tokenizer,
+    seed: int,
+    device: torch.device,
+) -> tuple[list[Sample], Rows, float]:
+    """A response to each prompt sampled with the stage's settings (NonFiniteLogits when the
+    policy's logits are not finite), the prompt + response rows on the device, and the seconds
+    spent generating."""
+    began = time.time()
+    ids = [p.ids for p in prompts]
+    samples = sample_batch(
+        model,
+        ids,
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_k,
+        cfg.top_p,
+        seed,
+        [tokenizer.end_id],
+    )
+    generated = time.time() - began
+    rows = build_rows(ids, [s.tokens for s in samples], device, tokenizer.pad_id)
+    return samples, rows, generated
 
 
 def response_text(sample: Sample, tokenizer: Tokenizer) -> str:
