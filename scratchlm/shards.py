@@ -122,6 +122,24 @@ def write_token_shards(
             free = disk.free_bytes(out_dir)
             raise disk.DiskFull(what, out_dir, None, free, TOKENIZE_AGAIN, written) from None
         raise
+    return finish_meta(
+        out_dir, split_meta, tokenizer, dtype, val_fraction, seed, empty_docs, doc_files, start
+    )
+
+
+def finish_meta(
+    out_dir: Path,
+    split_meta: dict[str, dict],
+    tokenizer: Tokenizer,
+    dtype: np.dtype,
+    val_fraction: float,
+    seed: int,
+    empty_documents: int,
+    doc_files: list[Path],
+    start: float,
+) -> dict:
+    """Write meta.json for the finished shards of every split; returns it with the speed (the
+    timing stays out of meta.json, so the whole folder is reproducible)."""
     total = sum(m["tokens"] for m in split_meta.values())
     if total == 0:
         raise UserError("cannot tokenize an empty corpus: the documents hold no text")
@@ -141,12 +159,11 @@ def write_token_shards(
         "val_tokens": split_meta["val"]["tokens"],
         "train_documents": split_meta["train"]["documents"],
         "val_documents": split_meta["val"]["documents"],
-        "empty_documents_skipped": empty_docs,
+        "empty_documents_skipped": empty_documents,
         "sources": [str(f) for f in doc_files],
         "splits": split_meta,
     }
     disk.write_atomic(out_dir / META_FILE, json.dumps(meta, indent=2).encode())
-    # The timing is returned but kept out of meta.json, so the whole folder is reproducible.
     speed = {"seconds": round(seconds, 3), "mb_per_s": round(total_bytes / 1e6 / seconds, 3)}
     return {**meta, **speed}
 

@@ -13,7 +13,6 @@ than one documents file or one shard.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from functools import lru_cache
@@ -21,16 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from scratchlm import disk
 from scratchlm.curate import storage
 from scratchlm.shards import (
-    FORMAT_VERSION,
-    META_FILE,
     SPLITS,
     _clear_tokens_dir,
     _forced_splits,
     _iter_docs,
     _tokenize_texts,
+    finish_meta,
     token_dtype,
     val_score,
 )
@@ -210,31 +207,7 @@ def write_token_shards_by_tasks(
         bar.close()
         executor.close()
         storage.remove_tree(work)
-    total = sum(m["tokens"] for m in split_meta.values())
-    if total == 0:
-        from scratchlm.errors import UserError
-
-        raise UserError("cannot tokenize an empty corpus: the documents hold no text")
-    seconds = time.perf_counter() - start
-    total_bytes = sum(m["bytes"] for m in split_meta.values())
-    meta = {
-        "format": FORMAT_VERSION,
-        "dtype": dtype.name,
-        "vocab_size": tokenizer.vocab_size,
-        "eos_id": tokenizer.eos_id,
-        "tokenizer_sha256": tokenizer.sha256,
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "tokens": total,
-        "bytes": total_bytes,
-        "train_tokens": split_meta["train"]["tokens"],
-        "val_tokens": split_meta["val"]["tokens"],
-        "train_documents": split_meta["train"]["documents"],
-        "val_documents": split_meta["val"]["documents"],
-        "empty_documents_skipped": sum(r["empty"] for r in results),
-        "sources": [str(f) for f in doc_files],
-        "splits": split_meta,
-    }
-    disk.write_atomic(out_dir / META_FILE, json.dumps(meta, indent=2).encode())
-    speed = {"seconds": round(seconds, 3), "mb_per_s": round(total_bytes / 1e6 / seconds, 3)}
-    return {**meta, **speed}
+    empty = sum(r["empty"] for r in results)
+    return finish_meta(
+        out_dir, split_meta, tokenizer, dtype, val_fraction, seed, empty, doc_files, start
+    )
