@@ -153,6 +153,28 @@ def test_stop_strings_cut_the_text(tmp_path_factory):
     assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.find(stop)]
 
 
+def test_incremental_text_equals_a_decode_of_every_token(tmp_path_factory):
+    model, tokenizer = load(make_run(tmp_path_factory.mktemp("run")))
+    engine = Engine(model, tokenizer)
+    prompt = tokenizer.encode("First Citizen:", add_bos=True)
+    checked, broken = [0], [0]
+
+    def check(request):
+        # Sampled hot, a random model writes stray bytes (characters split across tokens, bytes
+        # that are no character) and special tokens.
+        whole = tokenizer.decode(request.token_ids, skip_special=True)
+        assert request.text == whole
+        checked[0] += 1
+        broken[0] += whole.endswith("\ufffd")
+
+    for seed in range(8):
+        params = SamplingParams(max_tokens=150, temperature=3.0, seed=seed)
+        request = engine.add(prompt, params, on_update=check)
+        while not request.finished:
+            engine.step()
+    assert checked[0] == 8 * 150 and broken[0] > 0
+
+
 def test_abort_gives_the_blocks_back(model, prompts):
     engine = Engine(model, max_batch=4)
     requests = [engine.add(p, SamplingParams(max_tokens=50, temperature=0)) for p in prompts[:6]]
