@@ -74,7 +74,7 @@ class StepPlan:
 
     slot_mapping: torch.Tensor  # [N] where each new token's key and value go
     decode_slots: torch.Tensor | None  # [D, longest] slots of each decoding request's context
-    decode_mask: torch.Tensor | None  # [D, 1, 1, longest], or None when nothing is padded
+    decode_mask: torch.Tensor | None  # [D, 1, 1, longest] additive, or None when nothing is padded
     chunk_slots: list[torch.Tensor]  # per chunk: slots of its context, cached + new
     chunks: list[tuple[int, int]]  # per chunk: (tokens already cached, chunk length)
     decode_start: int | None = None
@@ -103,8 +103,13 @@ def plan_step(
             decode_slots = pad_sequence(decode, batch_first=True)
             lengths = torch.tensor([len(s) for s in decode], device=decode_slots.device)
             if int(lengths.min()) != decode_slots.shape[1]:
-                mask = torch.arange(decode_slots.shape[1], device=lengths.device) < lengths[:, None]
-                decode_mask = mask[:, None, None, :]
+                # Additive: SDPA would convert a boolean mask at every layer's call.
+                padded = (
+                    torch.arange(decode_slots.shape[1], device=lengths.device) >= lengths[:, None]
+                )
+                decode_mask = torch.zeros(padded.shape, device=padded.device).masked_fill(
+                    padded, float("-inf")
+                )[:, None, None, :]
     for slots, cached in prefill:
         new_slots.append(slots[cached:])
     return StepPlan(
@@ -142,15 +147,18 @@ class PagedStep(AttentionContext):
                 idx = plan.decode_slots.view(-1)
                 keys = pool_k.index_select(0, idx).view(n_decode, longest, *pool_k.shape[1:])
                 values = pool_v.index_select(0, idx).view(n_decode, longest, *pool_v.shape[1:])
-            outputs.append(
-                F.scaled_dot_product_attention(
-                    q[:n_decode],
-                    keys.transpose(1, 2),
-                    values.transpose(1, 2),
-                    attn_mask=plan.decode_mask,
-                    enable_gqa=gqa,
-                )
+            # One query per request: the query heads that share a key/value head attend as that
+            # head's queries ([D, kv heads, heads per kv head, head_dim]), which spares SDPA the
+            # expansion of the keys and values to every query head (a quarter to a half faster).
+            n_kv = keys.shape[2]
+            grouped = q[:n_decode].reshape(n_decode, n_kv, -1, q.shape[-1])
+            mask = plan.decode_mask
+            if mask is not None and mask.dtype != q.dtype:  # bf16 queries want a bf16 mask
+                mask = mask.to(q.dtype)
+            out = F.scaled_dot_product_attention(
+                grouped, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask
             )
+            outputs.append(out.reshape(n_decode, -1, 1, q.shape[-1]))
         start = n_decode
         for (cached, length), slots, first in zip(
             plan.chunks, plan.chunk_slots, plan.chunk_starts, strict=True
