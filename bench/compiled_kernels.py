@@ -7,7 +7,7 @@ plain; eager is shown for scale. Steps of all variants alternate, so that machin
 alike. A kernel stays a custom op under compile on CPU (scratchlm.kernels.COMPILED_USES_CUSTOM)
 where the step is faster with it. Compiling each variant takes 30-60 s on a 2-core CPU.
 
-    PYTHONPATH=. python bench/kernels.py [--preset default|tiny] [--steps 6] [--json]
+    PYTHONPATH=. python bench/compiled_kernels.py [--preset default|tiny] [--steps 6] [--json]
 """
 
 from __future__ import annotations
