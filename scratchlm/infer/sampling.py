@@ -54,6 +54,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
                 raise UserError(f"{name} must be between 0 and {MAX_TOP_LOGPROBS}, got {value}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise UserError(f"seed must be between -2**63 and 2**64 - 1, got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise UserError("stop strings must be non-empty strings")
 
