@@ -200,3 +200,10 @@ def test_generate_with_a_tiny_temperature_is_greedy(run, capsys, temperature):
     out = capsys.readouterr().out
     assert main([*args, "--temperature", "0"]) == 0
     assert capsys.readouterr().out == out and out.startswith("hi")
+
+
+def test_chat_on_a_missing_device_is_one_line_and_exit_2(run, capsys):
+    device = "cuda:99" if torch.cuda.is_available() else "cuda"
+    assert main(["chat", str(run), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --device = 'cuda"), err
