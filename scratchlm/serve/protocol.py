@@ -150,16 +150,15 @@ def _check_contents(messages: list[ChatMessage]) -> list[ChatMessage]:
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     @field_validator("messages")
     @classmethod
     def _contents_size(cls, value):
         return _check_contents(value)
-
-    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class TokenizeRequest(_Strict):
