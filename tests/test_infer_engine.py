@@ -5,6 +5,7 @@ import torch
 from tiny_run import make_run
 
 from scratchlm.errors import UserError
+from scratchlm.infer import sampling
 from scratchlm.infer.engine import Engine
 from scratchlm.infer.generate import generate
 from scratchlm.infer.sampling import SamplingParams
@@ -266,3 +267,41 @@ def test_scattered_blocks_give_what_consecutive_ones_give(model, prompts):
             assert late.first_slot is None
     assert late.token_ids == list(generate(model, prompts[4], 40, temperature=0))
     assert first.token_ids == list(generate(model, prompts[0], 30, temperature=0))
+
+
+def test_tiny_temperature_and_top_p_sample_beside_others(model, prompts):
+    """1e-39 overflows float32 logits / temperature and 1e-300 is 0 in float32: both once made the
+    whole step fail."""
+    engine = Engine(model, max_batch=8)
+    settings = [
+        SamplingParams(max_tokens=6, temperature=1e-39),
+        SamplingParams(max_tokens=6, temperature=1e-300),
+        SamplingParams(max_tokens=6, temperature=1.0, top_p=1e-300, seed=1),
+        SamplingParams(max_tokens=6, temperature=1.0, seed=2),
+    ]
+    outs = engine.generate_batch([prompts[0]] * 4, settings)
+    assert [r.finish_reason for r in outs] == ["length"] * 4
+    greedy = full_forward_greedy(model, prompts[0], 6)
+    assert outs[0].token_ids == greedy and outs[1].token_ids == greedy
+    assert outs[2].token_ids == greedy  # top_p that small keeps only the most likely token
+
+
+def test_a_request_whose_sampling_fails_ends_alone(model, prompts, monkeypatch):
+    """A draw that raises (NaN logits, say) ends that request with "error"; the rest finish."""
+    engine = Engine(model, max_batch=4)
+    doomed = torch.Generator().manual_seed(99)
+    real = sampling.sample_next
+
+    def failing(logits, temperature, top_k=0, top_p=1.0, generator=None):
+        if generator is doomed:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, temperature, top_k, top_p, generator)
+
+    monkeypatch.setattr(sampling, "sample_next", failing)
+    requests = [engine.add(p, SamplingParams(max_tokens=8, seed=1)) for p in prompts[:3]]
+    requests[1].generator = doomed
+    while engine.has_work():
+        engine.step()
+    assert [r.finish_reason for r in requests] == ["length", "error", "length"]
+    assert [len(r.token_ids) for r in requests] == [8, 0, 8]
+    assert engine.cache.free_blocks == engine.cache.num_blocks

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from scratchlm.device import pick_device
 from scratchlm.errors import UserError
 from scratchlm.infer.engine import Engine
 from scratchlm.infer.sampling import SamplingParams
@@ -92,7 +93,7 @@ def chat_in_terminal(
 ) -> None:
     from scratchlm.loading import load
 
-    model, tokenizer = load(path, device=device)
+    model, tokenizer = load(path, device=pick_device(device, "--device"))
     context = model.config.max_seq_len
     engine = Engine(model, tokenizer, max_batch=1, cache_tokens=context)
     conversation = Conversation(tokenizer, context, min(max_new_tokens, context // 2), system)

@@ -17,7 +17,8 @@ Batch API (many prompts, each with its own settings; returns when all are done):
     )
     outs[0].token_ids       # the new token ids
     outs[0].logprobs        # their log-probabilities under the model (logprobs=0 or more)
-    outs[0].finish_reason   # "stop" (a stop token or string), "length" (max_tokens or context)
+    outs[0].finish_reason   # "stop" (a stop token or string), "length" (max_tokens or context),
+                            # "error" (its logits could not be sampled: NaN or inf)
     outs[0].text            # the decoded new text, cut before a stop string (with a tokenizer)
 
 One SamplingParams applies to every prompt. Log-probabilities are those of the model's own
@@ -330,7 +331,11 @@ class Engine:
         rows = logits[[i for _, i in sampling]] if len(sampling) < len(logits) else logits
         requests = [r for r, _ in sampling]
         chosen = sample_rows(rows, [r.params for r in requests], [r.generator for r in requests])
-        wants = [i for i, r in enumerate(requests) if r.logprobs is not None]
+        # A request whose logits could not be sampled ends alone; its neighbours go on.
+        for r, token in zip(requests, chosen, strict=True):
+            if token is None:
+                self._finish(r, "error")
+        wants = [i for i, r in enumerate(requests) if r.logprobs is not None and not r.finished]
         if wants:
             top = max(requests[i].params.logprobs for i in wants)
             lp, alternatives = token_logprobs(
@@ -341,7 +346,8 @@ class Engine:
                 if requests[i].top_logprobs is not None:
                     requests[i].top_logprobs.append(alternatives[j][: requests[i].params.logprobs])
         for r, token in zip(requests, chosen, strict=True):
-            self._append(r, token)
+            if token is not None:
+                self._append(r, token)
 
     def _append(self, r: Request, token: int) -> None:
         params = r.params

@@ -6,7 +6,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from scratchlm.device import pick_device
 from scratchlm.infer.generate import generate
+from scratchlm.infer.sampling import SamplingParams
 from scratchlm.loading import load
 
 
@@ -34,8 +36,13 @@ def stream_to_terminal(
     seed: int | None,
     device: str = "cpu",
 ) -> str:
-    """Print the prompt, then each new piece of text as soon as it decodes to whole characters."""
-    model, tokenizer = load(path, device=device)
+    """Print the prompt, then each new piece of text as soon as it decodes to whole characters.
+
+    Bad settings and a device that is not there are refused before the model loads."""
+    SamplingParams(
+        max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+    ).check()
+    model, tokenizer = load(path, device=pick_device(device, "--device"))
     ids = tokenizer.encode(prompt, add_bos=True)
     sys.stdout.write(prompt)
     sys.stdout.flush()
