@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from scratchlm import disk
+from scratchlm.checkpoint.safe_dcp import DCP_METADATA, read_metadata_file
 from scratchlm.errors import UserError
 
 MODEL_FILE = "model.safetensors"
@@ -306,10 +307,14 @@ def load_checkpoint(path: Path, consolidate: bool = True) -> Checkpoint:
     tensors: dict[str, torch.Tensor] = {}
     if (ckpt / MODEL_FILE).exists():
         tensors = load_file(str(ckpt / MODEL_FILE))
+    elif not (ckpt / DCP_METADATA).is_file():
+        raise UserError(f"checkpoint {ckpt} has neither {MODEL_FILE} nor {DCP_METADATA}")
     elif consolidate:
         from scratchlm.train.distributed_checkpoint import consolidate
 
         tensors = consolidate(ckpt)
+    else:  # every rank refuses a crafted index here, before DCP reads it on resume
+        read_metadata_file(ckpt)
     return Checkpoint(
         path=ckpt,
         tensors=tensors,

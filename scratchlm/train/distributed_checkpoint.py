@@ -8,6 +8,7 @@ Every rank writes its own shards in parallel. Keys are the plain model's paramet
 resumes at another, down to one process without a process group. `consolidate` reads the full
 weights back without a model, which is how `load` and `scratchlm export` read a sharded
 checkpoint. The folder is written under a temporary name and renamed, as single-file ones are.
+Every read goes through `scratchlm.checkpoint.safe_dcp`, which never unpickles code.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -35,15 +37,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from scratchlm import disk
+from scratchlm.checkpoint import safe_dcp
+from scratchlm.checkpoint.safe_dcp import DCP_METADATA
 from scratchlm.config import TrainConfig
+from scratchlm.errors import UserError
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.optim import build_optimizer
 
 if TYPE_CHECKING:
     from scratchlm.parallel import DistInfo
-
-DCP_METADATA = ".metadata"
 
 
 def is_sharded(path: Path) -> bool:
@@ -151,21 +154,30 @@ def load_sharded(
 
 
 def _dcp_load(state: dict[str, Any], path: Path) -> None:
-    """dcp.load, also on one process without a process group (DCP warns that it assumes so)."""
+    """dcp.load (through safe_dcp), also on one process without a process group (DCP warns that
+    it assumes so)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path), no_dist=not torch.distributed.is_initialized())
+        safe_dcp.load(state, path, no_dist=not torch.distributed.is_initialized())
 
 
 def consolidate(path: Path) -> dict[str, torch.Tensor]:
     """The full model weights of a sharded checkpoint, read on one process without a model."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    model_state: dict[str, torch.Tensor] = {}
-    for key, meta in metadata.state_dict_metadata.items():
-        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata):
-            model_state[key.removeprefix("model.")] = torch.empty(
-                meta.size, dtype=meta.properties.dtype
-            )
+    metadata = safe_dcp.read_metadata_file(path)
+    shapes = {
+        key.removeprefix("model."): meta
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
+    # The index's sizes are allocated before any shard is read: they must fit in the shards.
+    needed = sum(math.prod(m.size) * m.properties.dtype.itemsize for m in shapes.values())
+    shard_bytes = sum(p.stat().st_size for p in path.glob("*.distcp"))
+    if needed > shard_bytes:
+        raise UserError(
+            f"checkpoint {path} is damaged: its {DCP_METADATA} describes {needed:,} bytes of "
+            f"weights, its shards hold {shard_bytes:,}"
+        )
+    model_state = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in shapes.items()}
     _dcp_load({"model": model_state}, path)
     config = json.loads((path / "config.json").read_text())
     if config.get("tie_embeddings") and "tok_embeddings.weight" in model_state:

@@ -1,0 +1,1 @@
+"""Checkpoints: their format, and reading them without running code from them."""
