@@ -4,10 +4,10 @@ import json
 import random
 from pathlib import Path
 
+from scratchlm.checkpoint import model_tensors, save_checkpoint
 from scratchlm.config import Recipe, load_recipe
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.tokenizer import train_tokenizer
-from scratchlm.train.checkpoint import model_tensors, save_checkpoint
 
 WORDS = "the cat dog sat ran on a mat big red sun hat box fox blue sky tree car".split()
 

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
+from scratchlm import checkpoint as ckpt
 from scratchlm.errors import UserError
-from scratchlm.train import checkpoint as ckpt
 
 
 class Tied(torch.nn.Module):

@@ -19,13 +19,13 @@ from tiny_run import make_tokenizer
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from scratchlm import load
+from scratchlm.checkpoint.folder import MANIFEST, verify, write_manifest
 from scratchlm.checkpoint.safe_dcp import MetadataUnpickler
+from scratchlm.checkpoint.sharded import save_sharded
 from scratchlm.config import ParallelConfig, TrainConfig
 from scratchlm.errors import UserError
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.parallel import DistInfo
-from scratchlm.train import checkpoint as ckpt
-from scratchlm.train.distributed_checkpoint import save_sharded
 from scratchlm.train.loop import Session
 from scratchlm.train.optim import build_optimizer
 
@@ -75,9 +75,9 @@ def _sharded_run(tokenizer: tuple[Path, int], run: Path) -> tuple[Path, Transfor
 
 def _rewrite_manifest(step: Path) -> None:
     """As an attacker would: the manifest lists every file with its true size and sha256."""
-    (step / ckpt.MANIFEST).unlink()
-    ckpt.write_manifest(step)
-    assert ckpt.verify(step) is None
+    (step / MANIFEST).unlink()
+    write_manifest(step)
+    assert verify(step) is None
 
 
 def _genuine_metadata(step: Path):

@@ -37,13 +37,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from scratchlm import disk
-from scratchlm.checkpoint import safe_dcp
+from scratchlm.checkpoint import folder, safe_dcp
 from scratchlm.checkpoint.safe_dcp import DCP_METADATA
-from scratchlm.config import TrainConfig
 from scratchlm.errors import UserError
-from scratchlm.model import ModelConfig, Transformer
-from scratchlm.train import checkpoint as ckpt
-from scratchlm.train.optim import build_optimizer
 
 if TYPE_CHECKING:
     from scratchlm.parallel import DistInfo
@@ -68,16 +64,16 @@ def save_sharded(
     and every rank stops with the same DiskFull when it will not fit."""
     name = f"step-{step:06d}"
     what = f"checkpoint {name}"
-    tmp = stage_dir / f"{ckpt.TMP_PREFIX}{name}"
+    tmp = stage_dir / f"{folder.TMP_PREFIX}{name}"
     state: dict[str, Any] = {}
     for part, (model, optimizer, _) in parts.items():
         model_state, optim_state = get_state_dict(model, optimizer)
         _state_slot(state, part).update(model=model_state, optim=optim_state)
     needed, free = 0, 0
     if dist.is_main:
-        needed = max(ckpt.estimate_bytes([state]), ckpt.last_checkpoint_bytes(stage_dir))
+        needed = max(folder.estimate_bytes([state]), folder.last_checkpoint_bytes(stage_dir))
         try:
-            ckpt.make_room(stage_dir, what, needed, keep)
+            folder.make_room(stage_dir, what, needed, keep)
             free = needed
         except disk.DiskFull as e:
             free = e.free
@@ -87,19 +83,19 @@ def save_sharded(
     if free < needed:
         if dist.is_main:
             disk.remove(tmp)
-        raise disk.DiskFull(what, stage_dir, needed, free, then=ckpt.RESUME)
+        raise disk.DiskFull(what, stage_dir, needed, free, then=folder.RESUME)
     dist.barrier()
-    with disk.writing(what, stage_dir, needed, [tmp] if dist.is_main else [], then=ckpt.RESUME):
+    with disk.writing(what, stage_dir, needed, [tmp] if dist.is_main else [], then=folder.RESUME):
         dcp.save(state, storage_writer=_writer(tmp))
         if dist.is_main:
             for part, (_, _, config) in parts.items():
                 config_file = "config.json" if part == "model" else f"{part}.config.json"
-                ckpt.write_json(tmp / config_file, config)
-            ckpt.write_json(tmp / "trainer_state.json", trainer_state)
-            ckpt.write_manifest(tmp)
+                folder.write_json(tmp / config_file, config)
+            folder.write_json(tmp / "trainer_state.json", trainer_state)
+            folder.write_manifest(tmp)
     final = stage_dir / name
     if dist.is_main:
-        ckpt.finish_checkpoint(tmp, stage_dir, name, keep)
+        folder.finish_checkpoint(tmp, stage_dir, name, keep)
     dist.barrier()
     return final
 
@@ -185,21 +181,22 @@ def consolidate(path: Path) -> dict[str, torch.Tensor]:
     return model_state
 
 
+def parameter_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of `model`'s parameters in `optimizer`'s order: what the positions in its state
+    dict stand for."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
 def load_full_optimizer_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
-    model_config: ModelConfig,
-    cfg: TrainConfig,
+    ordered: list[str],
 ) -> None:
     """Resume a parallelised optimizer from a single-file checkpoint's optimizer.pt, whose state
-    is keyed by position in the plain model's optimizer: the positions are named through an
-    unsplit model built on the meta device, then each rank takes its part."""
-    with torch.device("meta"):
-        plain = Transformer(model_config)
-    plain_optimizer = build_optimizer(plain, cfg)
-    names = {id(p): n for n, p in plain.named_parameters()}
-    ordered = [names[id(p)] for g in plain_optimizer.param_groups for p in g["params"]]
+    is keyed by position in the unsplit model's optimizer: `ordered` names the positions (see
+    `parameter_order`), then each rank takes its part."""
     by_name = {
         "state": {ordered[int(i)]: s for i, s in state["state"].items()},
         "param_groups": [
