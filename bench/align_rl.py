@@ -36,8 +36,8 @@ from scratchlm.align.rl import (  # noqa: E402
 )
 from scratchlm.align.rollout import build_rows, score_rows  # noqa: E402
 from scratchlm.align.stage import language_model, tokenizer_for  # noqa: E402
+from scratchlm.checkpoint import load_checkpoint  # noqa: E402
 from scratchlm.config import load_recipe  # noqa: E402
-from scratchlm.train.checkpoint import load_checkpoint  # noqa: E402
 from scratchlm.train.metrics import read_metrics  # noqa: E402
 
 

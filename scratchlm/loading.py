@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
+from scratchlm.checkpoint import Checkpoint, load_checkpoint, load_weights
 from scratchlm.errors import UserError
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.checkpoint import Checkpoint, load_checkpoint, load_weights
 
 # Later stages refine earlier ones; a run's model is the newest stage that has a checkpoint
 # ("imported": a Hugging Face model brought in by `scratchlm import-hf`).

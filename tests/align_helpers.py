@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
+from scratchlm.checkpoint import model_tensors, save_checkpoint
 from scratchlm.config import Recipe, load_recipe
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.tokenizer import train_tokenizer
-from scratchlm.train.checkpoint import model_tensors, save_checkpoint
 
 WORDS = "the cat dog sat ran on a mat big red sun hat box fox blue sky tree car".split()
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import ROOT, run_cli
 
+from scratchlm import checkpoint as ckpt
 from scratchlm import runlock
 from scratchlm.config import ParallelConfig, TrainConfig
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.tokenizer import train_tokenizer
-from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.loop import Session
 
 HOLD = """

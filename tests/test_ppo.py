@@ -12,10 +12,10 @@ from conftest import ROOT, run_cli
 from rl_toy import color_chats, fine_tune, make_tokenizer, save_model, train_reward_model
 
 from scratchlm.align import ppo
+from scratchlm.checkpoint import load_checkpoint
 from scratchlm.cli import main
 from scratchlm.config import load_recipe
 from scratchlm.errors import UserError
-from scratchlm.train.checkpoint import load_checkpoint
 from scratchlm.train.metrics import read_metrics
 
 

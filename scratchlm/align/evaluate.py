@@ -24,13 +24,13 @@ from scratchlm.align.data import read_preferences
 from scratchlm.align.dpo import all_logprobs
 from scratchlm.align.reward import score
 from scratchlm.align.stage import language_model, origin_of
+from scratchlm.checkpoint import Checkpoint, list_checkpoints, load_checkpoint
 from scratchlm.device import Runtime
 from scratchlm.errors import UserError
 from scratchlm.evaluate.tasks import EvalOptions, Task
 from scratchlm.loading import latest_checkpoint_dir
 from scratchlm.model import Transformer
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.checkpoint import Checkpoint, list_checkpoints, load_checkpoint
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from scratchlm.checkpoint import list_checkpoints, load_checkpoint
 from scratchlm.config import Recipe
 from scratchlm.device import Runtime, pick_runtime
 from scratchlm.errors import UserError
@@ -23,7 +24,6 @@ from scratchlm.evaluate.tasks import EvalOptions, get_task
 from scratchlm.infer.generate import generate
 from scratchlm.loading import from_checkpoint, is_run_dir, latest_checkpoint_dir
 from scratchlm.shards import check_tokenizer, read_meta
-from scratchlm.train.checkpoint import list_checkpoints, load_checkpoint
 
 
 def run_tasks(

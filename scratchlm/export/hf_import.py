@@ -228,8 +228,8 @@ def _fit_vocab(tensors: dict[str, torch.Tensor], cfg: ModelConfig, new_ids: list
 
 def import_hf(hf_dir: Path, run_dir: Path) -> Path:
     """Write the checkpoint and tokenizer (see the module docstring); returns the checkpoint."""
+    from scratchlm.checkpoint import save_checkpoint
     from scratchlm.loading import load
-    from scratchlm.train.checkpoint import save_checkpoint
 
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     for name in ("config.json", "tokenizer.json"):
