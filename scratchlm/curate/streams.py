@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import zlib
 from collections.abc import Iterator
 from pathlib import PurePosixPath
@@ -28,6 +29,8 @@ LINE_PIECE_BYTES = 1 << 20
 """An over-long line is read and dropped in pieces of this size."""
 UTF8_BOM = b"\xef\xbb\xbf"
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _ZSTD_MAGIC = 0xFD2FB528
 _SKIPPABLE_MAGIC = 0x184D2A50  # the low 4 bits are free
 
@@ -177,7 +180,8 @@ def parse_json(text: str | bytes) -> Any:
     """json.loads, with NestedTooDeep for a value nested more than MAX_JSON_DEPTH levels, whether
     or not the parser reached Python's recursion limit (where it stops depends on how deep the
     caller's stack is, so the check is made on the result as well). A leading byte order mark is
-    ignored."""
+    ignored; a lone surrogate escape ("\\ud800", which no UTF-8 writer can encode) becomes
+    U+FFFD, as invalid bytes do."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
     try:
@@ -186,6 +190,18 @@ def parse_json(text: str | bytes) -> Any:
         raise NestedTooDeep(f"nested more than {MAX_JSON_DEPTH} levels") from None
     if _nested_deeper_than(value, MAX_JSON_DEPTH):
         raise NestedTooDeep(f"nested more than {MAX_JSON_DEPTH} levels")
+    return _without_surrogates(value) if _SURROGATE_ESCAPE.search(text) else value
+
+
+def _without_surrogates(value: Any) -> Any:
+    """value with every surrogate code point in its strings replaced by U+FFFD (recursion is
+    safe: the value is at most MAX_JSON_DEPTH deep)."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
     return value
 
 
