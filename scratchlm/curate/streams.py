@@ -27,7 +27,6 @@ MAX_JSON_DEPTH = 100
 RecursionError at a depth that depends on the caller's stack (about 1,000 levels)."""
 LINE_PIECE_BYTES = 1 << 20
 """An over-long line is read and dropped in pieces of this size."""
-UTF8_BOM = b"\xef\xbb\xbf"
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
