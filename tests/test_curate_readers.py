@@ -292,3 +292,18 @@ def test_memory_does_not_grow_with_a_line_length(tmp_path, suffix):
     assert reasons == "['record too long', None]"
     assert big.stat().st_size < 1_000_000
     assert int(grew_mb) < 100
+
+
+@pytest.mark.parametrize("gzipped", [True, False])
+def test_a_warc_body_or_html_file_too_long_is_set_aside_unread(tmp_path, gzipped):
+    cfg = CurateConfig(max_doc_chars=1000)  # bodies over 6,000 bytes are refused
+    huge = html_page("word " * 40_000).encode()
+    pages = [(f"http://a/{i}", body, "text/html") for i, body in enumerate([b"<p>a</p>", huge])]
+    p = write_warc(tmp_path / ("a.warc.gz" if gzipped else "a.warc"), [*pages, pages[0]], gzipped)
+    docs = read_all(p, cfg)
+    assert [d.get("reason") for d in docs] == [None, "record too long", None]
+    assert len(huge) < docs[1]["score"] < len(huge) + 200  # the WARC length: HTTP headers too
+    (tmp_path / "pages").mkdir()
+    (tmp_path / "pages" / "big.html").write_bytes(huge)
+    (tmp_path / "pages" / "small.html").write_bytes(b"<p>a</p>")
+    assert [d.get("reason") for d in read_all(tmp_path / "pages", cfg)] == ["record too long", None]

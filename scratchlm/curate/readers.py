@@ -43,10 +43,10 @@ FORMAT_SUFFIXES = {
 }
 BINARY_SNIFF_BYTES = 8192
 CHUNK_CHARS = 1 << 20
-JSON_BYTES_PER_CHAR = 6
-"""A JSON Lines record longer than this many bytes per character of max_doc_chars is set aside
-while it is read (`record too long`): room for a document of max_doc_chars written as \\uXXXX
-escapes."""
+RECORD_BYTES_PER_CHAR = 6
+"""A JSON Lines record, a WARC record's body or an HTML file longer than this many bytes per
+character of max_doc_chars is set aside while it is read (`record too long`), not held whole:
+room for a document of max_doc_chars written as \\uXXXX escapes, or for a page's markup."""
 GROUP_FILES = 1000
 """Small files are read by one task in groups of up to this many (and up to shard_bytes)."""
 
@@ -226,11 +226,11 @@ def read_shard(shard: Shard, cfg: CurateConfig) -> Iterator[dict]:
 def _read_file(path: str, fmt: str, cfg: CurateConfig, start: int, end: int) -> Iterator[dict]:
     """The documents of one file, or of the range [start, end) of it; the path names them."""
     if fmt == "html":
-        yield from _read_html_file(path)
+        yield from _read_html_file(path, RECORD_BYTES_PER_CHAR * cfg.max_doc_chars)
     elif fmt == "warc":
         from scratchlm.curate.warc import read_warc
 
-        yield from read_warc(path, path, start, end)
+        yield from read_warc(path, path, start, end, RECORD_BYTES_PER_CHAR * cfg.max_doc_chars)
     elif fmt == "jsonl" and ranges.splittable(path, "jsonl"):
         yield from _read_jsonl_range(path, path, cfg, start, end)
     elif fmt == "parquet":
@@ -318,7 +318,7 @@ def _read_jsonl(path: str, source: str, cfg: CurateConfig) -> Iterator[dict]:
         yield rejected  # type: ignore[misc]
         return
     with stream:
-        lines = bounded_lines(stream, JSON_BYTES_PER_CHAR * cfg.max_doc_chars)
+        lines = bounded_lines(stream, RECORD_BYTES_PER_CHAR * cfg.max_doc_chars)
         for lineno, (_, raw, length) in enumerate(lines, start=1):
             doc = _record(raw, length, f"{source}:{lineno}", source, cfg)
             if doc is not None:
@@ -338,7 +338,7 @@ def _read_jsonl_range(
             return
         first = ranges.first_line_start(f, start)
         f.seek(first)
-        for offset, raw, length in bounded_lines(f, JSON_BYTES_PER_CHAR * cfg.max_doc_chars):
+        for offset, raw, length in bounded_lines(f, RECORD_BYTES_PER_CHAR * cfg.max_doc_chars):
             if 0 <= end <= first + offset:
                 return
             doc = _record(raw, length, f"{source}@{first + offset}", source, cfg)
@@ -438,13 +438,16 @@ def decode_html(body: bytes, declared: str | None = None) -> str:
         return body.decode(guess.encoding if guess else "utf-8", errors="replace")
 
 
-def _read_html_file(path: str) -> Iterator[dict]:
+def _read_html_file(path: str, max_bytes: int) -> Iterator[dict]:
     source = path
     try:
         with open_binary(path) as f:
-            body = f.read()
+            body = f.read(max_bytes + 1)
     except STREAM_ERRORS as e:
         yield bad(source, "truncated or corrupt input", str(e))
+        return
+    if len(body) > max_bytes:
+        yield bad(source, "record too long", "", float(len(body)))
         return
     if looks_binary(body[:BINARY_SNIFF_BYTES]):
         yield bad(source, "binary file", "", 1.0)
