@@ -214,15 +214,18 @@ def test_damaged_lines_are_set_aside_and_the_rest_read(tmp_path):
     ]
     pairs = tmp_path / "pairs.jsonl"
     pair = '{"prompt": "q", "chosen": "a", "rejected": "b\\ud800", "margin": MARGIN}'
-    pairs.write_text("".join(pair.replace("MARGIN", m) + "\n" for m in ["1e400", "9" * 400, "2"]))
+    pairs.write_text(
+        "".join(pair.replace("MARGIN", m) + "\n" for m in ["1e400", "9" * 400, "1e39", "2"])
+    )
     dataset = read_preferences([pairs])
     assert [r.reason for r in dataset.rejects] == [
         "margin must be a finite number, got inf",
         "margin must be a finite number, got " + "9" * 20,
+        "margin must be a finite number, got 1e+39",
     ]
     assert dataset.records[0]["rejected"][0]["content"] == "b\ufffd"
     written = write_rejects(dataset.rejects, tmp_path / "audit")
-    assert len(written.read_text(encoding="utf-8").splitlines()) == 2
+    assert len(written.read_text(encoding="utf-8").splitlines()) == 3
 
 
 @pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst", ".json.gz"])

@@ -39,6 +39,7 @@ SHAREGPT_ROLES = {
     "model": "assistant",
 }
 
+FLOAT32_MAX = 3.4028234663852886e38
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -193,11 +194,13 @@ def to_preference(record: Any) -> dict:
 
 
 def _finite(number: int | float, what: str) -> float:
+    """The number as a float, or BadRecord unless it is finite in float32, the precision losses
+    are computed in (1e300 would be an infinite loss)."""
     try:
         value = float(number)
     except OverflowError:
         value = math.inf
-    if not math.isfinite(value):
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
         raise BadRecord(f"{what} must be a finite number, got {str(number)[:20]}")
     return value
 
