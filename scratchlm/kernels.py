@@ -6,7 +6,8 @@ everything around it instead of breaking the graph. The backward passes save onl
 and write gradients in place.
 
 Under torch.compile a kernel is used only where it beats the code inductor generates from plain
-torch ops; `COMPILED_USES_CUSTOM` records which, per device type, as measured by bench/compiled_kernels.py.
+torch ops; `COMPILED_USES_CUSTOM` records which, per device type, as measured by
+bench/compiled_kernels.py.
 """
 
 from __future__ import annotations
@@ -346,8 +347,8 @@ def _compiled_plain(kernel: str, x: Tensor) -> bool:
 
 
 # Under torch.compile, per device type: True where the custom op beat inductor's code from plain
-# ops in bench/compiled_kernels.py. On GPUs inductor fuses the plain ops into single Triton kernels, which
-# a sequence of ATen kernels cannot beat, so they stay plain there.
+# ops in bench/compiled_kernels.py. On GPUs inductor fuses the plain ops into single Triton kernels,
+# which a sequence of ATen kernels cannot beat, so they stay plain there.
 COMPILED_USES_CUSTOM: dict[str, dict[str, bool]] = {
     "cpu": {"split_qkv_rope": True, "swiglu": True, "rms_norm": True, "cross_entropy": True},
 }
