@@ -17,8 +17,6 @@ from pathlib import Path
 from scratchlm.errors import RunFault, UserError
 
 DEFAULT_RECIPE = "recipes/tiny.toml"
-# Commands that only read a run folder: they run beside a training that holds its lock.
-READ_ONLY = {"generate", "chat", "eval", "export", "serve"}
 
 
 def _add_recipe_args(p: argparse.ArgumentParser, run_dir_required: bool = True) -> None:
@@ -202,7 +200,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _recipe(args: argparse.Namespace, must_exist: bool = True):
-    from scratchlm.config import load_recipe, save_recipe
+    """The recipe of a stage command, validated; nothing is written (see _save_recipe)."""
+    from scratchlm.config import load_recipe
 
     run_dir: Path = args.run_dir
     if must_exist and not run_dir.is_dir():
@@ -210,10 +209,15 @@ def _recipe(args: argparse.Namespace, must_exist: bool = True):
     path = args.recipe
     if path is None:
         path = run_dir / "recipe.toml" if (run_dir / "recipe.toml").is_file() else DEFAULT_RECIPE
-    recipe = load_recipe(Path(path), args.set)
+    return load_recipe(Path(path), args.set)
+
+
+def _save_recipe(recipe, run_dir: Path) -> None:
+    """RUN/recipe.toml, once the command has passed its checks and holds the run folder."""
+    from scratchlm.config import save_recipe
+
     if int(os.environ.get("RANK", "0")) == 0:
         save_recipe(recipe, run_dir / "recipe.toml")
-    return recipe
 
 
 def _take_run_folder(folder: Path, argv: list[str], what: str = "run folder") -> None:
@@ -238,9 +242,10 @@ def _curate(argv: list[str]) -> int:
     only = args.only.split(",") if args.only else None
     if args.run_dir is not None:
         args.recipe = args.recipe or (args.inputs[0] if args.inputs else None)
-        _take_run_folder(args.run_dir, ["curate", *argv])
         recipe = _recipe(args, must_exist=False)
         _apply_executor_args(recipe.curate, args)
+        _take_run_folder(args.run_dir, ["curate", *argv])
+        _save_recipe(recipe, args.run_dir)
         stats = run_curate(recipe.data.inputs, args.run_dir / "curated", recipe.curate, only=only)
         print(curate_summary(stats))
         return 0
@@ -351,13 +356,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _import_hf(args: argparse.Namespace) -> int:
-    from scratchlm.export.hf_import import import_hf
+    from scratchlm.export.hf_import import read_hf_checkpoint, write_imported_run
 
-    checkpoint = import_hf(args.hf_dir, args.run_dir)
+    imported = read_hf_checkpoint(args.hf_dir)  # checked whole before the run folder is touched
+    _take_run_folder(args.run_dir, ["import-hf", str(args.hf_dir), "--run-dir", str(args.run_dir)])
+    checkpoint = write_imported_run(imported, args.run_dir)
     print(f"import-hf: wrote {checkpoint} and {args.run_dir / 'tokenizer.json'}")
     return 0
 
 
+# Commands that only read a run folder (they run beside a training that holds its lock), and
+# import-hf, which takes its folder once the checkpoint it reads has passed its checks.
 COMMANDS = {
     "export": _export,
     "chat": _chat,
@@ -386,17 +395,22 @@ def dispatch(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return _generate(args)
-    run_dir = getattr(args, "run_dir", None)
-    if args.command not in READ_ONLY and run_dir is not None:
-        if args.command not in ("pipeline", "import-hf") and not run_dir.is_dir():
-            raise UserError(f"run folder not found: {run_dir}")
-        _take_run_folder(run_dir, argv)
     if args.command in COMMANDS:
         return COMMANDS[args.command](args)
-    from scratchlm import pipeline
+    from scratchlm import pipeline, preflight
 
+    # Everything is checked before the first write: a refused command leaves the run as it was.
+    recipe = _recipe(args, must_exist=args.command != "pipeline")
     if args.command == "pipeline":
-        results = pipeline.run_pipeline(_recipe(args), args.run_dir, until=args.until)
+        preflight.check_pipeline(recipe, pipeline.run_stages(recipe), args.until)
+    else:
+        preflight.check_stage(args.command, recipe, args.run_dir, getattr(args, "resume", False))
+    if args.command == "tokenize":
+        _apply_executor_args(recipe.curate, args)
+    _take_run_folder(args.run_dir, argv)
+    _save_recipe(recipe, args.run_dir)
+    if args.command == "pipeline":
+        results = pipeline.run_pipeline(recipe, args.run_dir, until=args.until)
         if "eval" in results:
             ev = results["eval"]
             print(f"\nvalidation bits per byte: {ev['val_bpb']:.4f}")
@@ -406,9 +420,6 @@ def dispatch(argv: list[str]) -> int:
         if "report" in results:
             print(f"\nreport: {results['report']['report']}")
         return 0
-    recipe = _recipe(args)
-    if args.command == "tokenize":
-        _apply_executor_args(recipe.curate, args)
     if args.command == "pretrain":
         pipeline.run_pretrain(recipe, args.run_dir, resume=args.resume)
     elif args.command in pipeline.ALIGN_STAGES:

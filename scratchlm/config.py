@@ -286,6 +286,13 @@ class PPOConfig(RolloutConfig):
     missing_end_penalty: float = ranged(2.0, ge=0)
     """Subtracted from the reward of a response with no <|end|> within max_new_tokens."""
 
+    def __post_init__(self) -> None:
+        if self.rollout_batch % self.minibatch_size:
+            raise UserError(
+                f"recipe keys ppo.rollout_batch = {self.rollout_batch}, ppo.minibatch_size = "
+                f"{self.minibatch_size}: rollout_batch must be a multiple of minibatch_size"
+            )
+
 
 @dataclass
 class GRPOConfig(RolloutConfig):
@@ -308,6 +315,15 @@ class GRPOConfig(RolloutConfig):
     """Responses sampled per prompt (G); advantages are normalised within each group."""
     scale_rewards: bool = True
     """Divide each group's centred rewards by their standard deviation."""
+
+    def __post_init__(self) -> None:
+        responses = self.prompts_per_step * self.group_size
+        if responses % self.minibatch_size:
+            raise UserError(
+                f"recipe keys grpo.prompts_per_step x group_size = {responses}, "
+                f"grpo.minibatch_size = {self.minibatch_size}: the responses of a step must be a "
+                "multiple of minibatch_size"
+            )
 
 
 @dataclass
