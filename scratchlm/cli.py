@@ -35,6 +35,32 @@ def _add_recipe_args(p: argparse.ArgumentParser, run_dir_required: bool = True) 
     )
 
 
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        help="longest answer in tokens (default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        help="0: greedy; higher: more varied (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-k", type=int, default=50, help="sample from the K likeliest tokens; 0: all"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=0.95,
+        help="sample from the likeliest tokens whose probabilities reach P (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="make the sampling repeatable")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+
+
 def _add_executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--executor",
@@ -65,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="run every stage in order, skipping those up to date")
     _add_recipe_args(p)
-    p.add_argument("--until", help="stop after this stage")
+    p.add_argument("--until", help="stop after this stage (curate, tokenizer, ..., eval, report)")
 
     p = sub.add_parser(
         "curate",
@@ -79,7 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (or fsspec URL, e.g. s3://bucket/out)")
     p.add_argument("--run-dir", type=Path, help="run the stage of this run folder")
     p.add_argument("--recipe", help="recipe whose [curate] section to use")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe key (the value parses as TOML)",
+    )
     p.add_argument("--only", help="run only these steps (comma-separated)")
     _add_executor_args(p)
 
@@ -116,42 +148,52 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"continue from the newest checkpoint in RUN_DIR/{name}",
         )
 
-    p = sub.add_parser("generate", help="sample text from a trained model")
-    p.add_argument("path", type=Path, help="run folder or checkpoint")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p = sub.add_parser(
+        "generate",
+        help="sample text from a trained model",
+        description="Continue a prompt with a trained model. A run folder gives its last stage "
+        "with a checkpoint (ppo, grpo, dpo, sft, then pretrain; the line on stderr names it); "
+        "give a stage or checkpoint folder to choose another.",
+    )
+    p.add_argument("path", type=Path, help="run folder, stage folder or checkpoint")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    _add_sampling_args(p, max_new_tokens=200)
 
-    p = sub.add_parser("chat", help="talk to a model in the terminal")
-    p.add_argument("path", type=Path, help="run folder or checkpoint")
+    p = sub.add_parser(
+        "chat",
+        help="talk to a model in the terminal",
+        description="A conversation with a model through its chat template; a run folder gives "
+        "its last stage with a checkpoint (the line on stderr names it).",
+    )
+    p.add_argument("path", type=Path, help="run folder, stage folder or checkpoint")
     p.add_argument("--system", default="", help="the system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    _add_sampling_args(p, max_new_tokens=256)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and a chat page")
     p.add_argument("path", type=Path, help="run folder or checkpoint")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
+    )
     p.add_argument("--api-key", default=None, help="clients must send 'Authorization: Bearer KEY'")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoding at once")
     p.add_argument("--cache-tokens", type=int, default=None, help="KV cache size in tokens")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--model-name", default=None, help="the model id (default: the folder name)")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="SIGTERM grace period")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
 
     p = sub.add_parser("export", help="write the model in another format")
     p.add_argument("path", type=Path, help="run folder or checkpoint")
-    p.add_argument("--format", choices=["hf", "gguf"], required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--format",
+        choices=["hf", "gguf"],
+        required=True,
+        help="hf: a Hugging Face Llama folder; gguf: one file for llama.cpp",
+    )
+    p.add_argument("--out", type=Path, required=True, help="the folder (hf) or .gguf file to write")
     p.add_argument(
         "--dtype", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF tensor type"
     )
@@ -174,7 +216,13 @@ def _add_eval_parser(sub) -> None:
         "target", nargs="?", help="run folder or checkpoint (or a recipe with --run-dir)"
     )
     p.add_argument("--run-dir", type=Path, help="the run folder (stage form)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe key (the value parses as TOML)",
+    )
     p.add_argument("--tasks", help="comma-separated task names (default: the recipe's eval.tasks)")
     p.add_argument("--data", help="read the one task given from this file (same layout)")
     p.add_argument("--data-dir", help="folder of the task files (default: eval.data_dir)")
@@ -262,7 +310,7 @@ def _curate(argv: list[str]) -> int:
     return 0
 
 
-def _train_quality(argv: list[str]) -> int:
+def build_train_quality_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="scratchlm curate train-quality",
         description="train the fastText quality classifier: reference text against raw web text",
@@ -271,7 +319,11 @@ def _train_quality(argv: list[str]) -> int:
     p.add_argument("--negative", nargs="+", required=True, help="low-quality inputs")
     p.add_argument("--out", type=Path, required=True, help="where to write model.bin")
     p.add_argument("--text-separator", default="", help="split plain text files on this")
-    args = p.parse_args(argv)
+    return p
+
+
+def _train_quality(argv: list[str]) -> int:
+    args = build_train_quality_parser().parse_args(argv)
     from scratchlm import disk
     from scratchlm.curate.quality import train_quality
 

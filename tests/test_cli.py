@@ -1,5 +1,6 @@
 """User mistakes get one line on stderr and exit code 2, never a traceback."""
 
+import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 from tiny_run import make_run
 
-from scratchlm.cli import main
+from scratchlm.cli import build_parser, build_train_quality_parser, main
 
 
 def _one_line_error(result, fragment):
@@ -138,3 +139,37 @@ def test_a_rejected_override_is_not_saved(cli, tmp_path):
     assert result.returncode == 2 and "pretrain.beta2 = 2.0: expected" in result.stderr
     assert (run / "recipe.toml").read_text() == "[pretrain]\nlr = 0.001\n"
     assert sorted(p.name for p in run.iterdir()) == ["recipe.toml"]
+
+
+def _subparsers(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.items()
+
+
+def test_every_option_of_every_subcommand_has_help():
+    parsers = [("scratchlm", build_parser()), *_subparsers(build_parser())]
+    parsers.append(("curate train-quality", build_train_quality_parser()))
+    missing = [
+        f"{name} {action.dest}"
+        for name, parser in parsers
+        for action in parser._actions
+        if not isinstance(action, argparse._SubParsersAction) and not (action.help or "").strip()
+    ]
+    assert len(parsers) > 15 and missing == []
+
+
+def test_generate_names_the_checkpoint_it_loaded(trained_run, capsys):
+    args = ["--prompt", "To be", "--max-new-tokens", "3", "--temperature", "0"]
+    assert main(["generate", str(trained_run), *args]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(
+        f"generate: loaded {trained_run / 'sft' / 'step-000010'} (sft, step 10"
+    )
+    assert "the run's last stage with a checkpoint" in err[0]
+    assert main(["generate", str(trained_run / "pretrain"), *args]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"generate: loaded {trained_run / 'pretrain' / 'step-000000'} (pretrain, step 0)"
+    ]

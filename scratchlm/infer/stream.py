@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from scratchlm.infer.generate import generate
-from scratchlm.loading import load
+from scratchlm.loading import describe_checkpoint, from_checkpoint, read_checkpoint
 
 
 def streamable_text(text: str, stops: Sequence[str] = (), finished: bool = False) -> str:
@@ -35,7 +35,9 @@ def stream_to_terminal(
     device: str = "cpu",
 ) -> str:
     """Print the prompt, then each new piece of text as soon as it decodes to whole characters."""
-    model, tokenizer = load(path, device=device)
+    ckpt = read_checkpoint(path)
+    print(f"generate: loaded {describe_checkpoint(ckpt, path)}", file=sys.stderr, flush=True)
+    model, tokenizer = from_checkpoint(ckpt, device=device)
     ids = tokenizer.encode(prompt, add_bos=True)
     sys.stdout.write(prompt)
     sys.stdout.flush()
