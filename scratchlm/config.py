@@ -320,9 +320,9 @@ class GRPOConfig(RolloutConfig):
         responses = self.prompts_per_step * self.group_size
         if responses % self.minibatch_size:
             raise UserError(
-                f"recipe keys grpo.prompts_per_step x group_size = {responses}, "
-                f"grpo.minibatch_size = {self.minibatch_size}: the responses of a step must be a "
-                "multiple of minibatch_size"
+                f"recipe keys grpo.prompts_per_step = {self.prompts_per_step} x grpo.group_size "
+                f"= {self.group_size}, grpo.minibatch_size = {self.minibatch_size}: the responses "
+                "of a step must be a multiple of minibatch_size"
             )
 
 
@@ -501,10 +501,13 @@ def merge_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     for text in overrides:
         path, value = parse_override(text)
         node = values
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1], 1):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise UserError(f"--set {_show(text)}: {_show(part)} is not a section")
+                raise UserError(
+                    f"--set {_show('.'.join(path))}: recipe key "
+                    f"{_show('.'.join(path[:depth]))} holds a value, not a section"
+                )
         node[path[-1]] = value
     return values
 

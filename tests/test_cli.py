@@ -1,11 +1,10 @@
 """User mistakes get one line on stderr and exit code 2, never a traceback."""
 
 import argparse
-import hashlib
 import json
-from pathlib import Path
 
 import pytest
+from run_snapshot import snapshot
 from tiny_run import make_run
 
 from scratchlm.cli import build_parser, build_train_quality_parser, main
@@ -57,18 +56,6 @@ def test_bad_until_stage(cli, tmp_path):
     _one_line_error(cli("pipeline", "--run-dir", str(tmp_path), "--until", "train"), "--until")
 
 
-def _snapshot(folder: Path) -> dict[str, str]:
-    """Every path under folder with the sha256 of its bytes (folders as 'dir')."""
-    if not folder.exists():
-        return {}
-    return {
-        str(p.relative_to(folder)): "dir"
-        if p.is_dir()
-        else hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-    }
-
-
 def _refused(capsys, argv: list[str], fragment: str) -> None:
     capsys.readouterr()
     assert main(argv) == 2
@@ -113,9 +100,9 @@ def test_a_refused_command_leaves_the_run_as_it_was(trained_run, tmp_path, capsy
     garbage = tmp_path / "garbage.jsonl"
     garbage.write_text('not json\n{"text": "no messages"}\n[1, 2]\n')
     argv = [a.replace("GARBAGE", json.dumps(str(garbage))) for a in argv]
-    before = _snapshot(trained_run)
+    before = snapshot(trained_run)
     _refused(capsys, [argv[0], "--run-dir", str(trained_run), *argv[1:]], fragment)
-    assert _snapshot(trained_run) == before
+    assert snapshot(trained_run) == before
     assert not (trained_run.parent / "run" / "sft.prev").exists()
 
 
@@ -125,10 +112,10 @@ def test_a_stage_out_of_order_or_a_typo_makes_no_folder(tmp_path, capsys):
     _refused(capsys, ["pipeline", "--run-dir", str(fresh), "--set", "pretrain.lr=-1"], "lr = -1")
     assert not fresh.exists()
     run = make_run(tmp_path / "run")
-    before = _snapshot(run)
+    before = snapshot(run)
     _refused(capsys, ["ppo", "--run-dir", str(run)], "ppo starts from the sft model")
     _refused(capsys, ["dpo", "--run-dir", str(run)], "dpo starts from the sft model")
-    assert _snapshot(run) == before and not (run / "sft").exists() and not (run / "ppo").exists()
+    assert snapshot(run) == before and not (run / "sft").exists() and not (run / "ppo").exists()
 
 
 def test_a_rejected_override_is_not_saved(cli, tmp_path):

@@ -71,7 +71,8 @@ class GopherRepetitionConfig:
         for sizes, fracs in pairs:
             if len(getattr(self, sizes)) != len(getattr(self, fracs)):
                 raise UserError(
-                    f"curate.gopher_repetition.{sizes} and {fracs} must have the same length"
+                    f"recipe keys curate.gopher_repetition.{sizes} and "
+                    f"curate.gopher_repetition.{fracs} must have the same length"
                 )
 
 
