@@ -210,7 +210,9 @@ def _add_eval_parser(sub) -> None:
         help="benchmark scores, validation bits-per-byte and samples of a checkpoint",
         description="scratchlm eval RUN_OR_CHECKPOINT [--tasks hellaswag,arc_easy,...], or as a "
         "stage: scratchlm eval [RECIPE] --run-dir DIR (the recipe's eval.tasks, the validation "
-        "split and samples). Results go to RUN/eval/<stage>-<step>.json and RUN/eval/results.json.",
+        "split and samples). Results go to RUN/eval/<stage>-<step>.json and RUN/eval/results.json; "
+        "with settings other than the run's [eval] (--limit, --shots, --data...), to "
+        "RUN/eval/<stage>-<step>.<settings>.json, which the report does not show.",
     )
     p.add_argument(
         "target", nargs="?", help="run folder or checkpoint (or a recipe with --run-dir)"

@@ -290,7 +290,7 @@ class PPOConfig(RolloutConfig):
         if self.rollout_batch % self.minibatch_size:
             raise UserError(
                 f"recipe keys ppo.rollout_batch = {self.rollout_batch}, ppo.minibatch_size = "
-                f"{self.minibatch_size}: rollout_batch must be a multiple of minibatch_size"
+                f"{self.minibatch_size}: rollout_batch must be a multiple of ppo.minibatch_size"
             )
 
 
