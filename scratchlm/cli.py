@@ -458,7 +458,7 @@ def dispatch(argv: list[str]) -> int:
     if args.command == "pipeline":
         preflight.check_pipeline(recipe, pipeline.run_stages(recipe), args.until)
     else:
-        preflight.check_stage(args.command, recipe, args.run_dir, getattr(args, "resume", False))
+        preflight.check_stage(args.command, recipe, args.run_dir)
     if args.command == "tokenize":
         _apply_executor_args(recipe.curate, args)
     _take_run_folder(args.run_dir, argv)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import reprlib
 import tomllib
 import types
 import typing
@@ -19,7 +18,7 @@ from typing import Any, Literal
 from scratchlm.curate.config import CurateConfig
 from scratchlm.errors import UserError
 from scratchlm.paths import resolve
-from scratchlm.schema import field_range, ranged
+from scratchlm.schema import check_range, ranged, show_value
 
 MAX_SEED = 2**32 - 1
 """numpy's and Python's generators take seeds up to this."""
@@ -427,37 +426,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         ok = isinstance(value, str)
     if not ok:
-        raise UserError(f"recipe key {key} = {_show(value)}: expected {_describe(tp)}")
+        raise UserError(f"recipe key {key} = {show_value(value)}: expected {_describe(tp)}")
     return value
-
-
-def _show(value: Any) -> str:
-    """A value for a one-line message: long strings and deep or long lists are cut short."""
-    return _SHORT_REPR.repr(value)
-
-
-def _short_repr() -> reprlib.Repr:
-    short = reprlib.Repr()
-    short.maxlevel, short.maxstring, short.maxother = 3, 60, 60
-    short.maxlist = short.maxdict = 6
-    return short
-
-
-_SHORT_REPR = _short_repr()
-
-
-def _check_range(cls: type, name: str, value: Any, tp: Any, key: str) -> None:
-    """A UserError naming `key` when the number (or a number of the list) is out of its range."""
-    bounds = field_range(cls, name)
-    item_type = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
-    if item_type not in (int, float):
-        return
-    if bounds is None:
-        raise TypeError(f"{cls.__name__}.{name} is a number without a declared range")
-    for number in value if isinstance(value, list) else [value]:
-        if not bounds.contains(number):
-            kind = "an integer" if item_type is int else "a number"
-            raise UserError(f"recipe key {key} = {_show(number)}: expected {bounds.describe(kind)}")
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
@@ -468,24 +438,24 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         full = f"{prefix}{key}"
         if key not in hints:
             raise UserError(
-                f"unknown recipe key {_show(full)}; {prefix.rstrip('.') or 'a recipe'} "
+                f"unknown recipe key {show_value(full)}; {prefix.rstrip('.') or 'a recipe'} "
                 f"accepts: {', '.join(names)}"
             )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise UserError(f"recipe key {_show(full)} must be a [section] table")
+                raise UserError(f"recipe key {show_value(full)} must be a [section] table")
             kwargs[key] = _build(tp, value, f"{full}.")
         else:
             kwargs[key] = _coerce(value, tp, full)
-            _check_range(cls, key, kwargs[key], tp, full)
+            check_range(cls, key, kwargs[key], tp, full)
     return cls(**kwargs)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`section.key=value`, the value parsed as TOML; a bare word is a string."""
     if "=" not in text:
-        raise UserError(f"--set {_show(text)}: expected section.key=value")
+        raise UserError(f"--set {show_value(text)}: expected section.key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
@@ -493,7 +463,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except tomllib.TOMLDecodeError:
         value = raw
     except RecursionError:
-        raise UserError(f"--set {_show(key)}: the value is nested too deeply") from None
+        raise UserError(f"--set {show_value(key)}: the value is nested too deeply") from None
     return key.split("."), value
 
 
@@ -505,8 +475,8 @@ def merge_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(
-                    f"--set {_show('.'.join(path))}: recipe key "
-                    f"{_show('.'.join(path[:depth]))} holds a value, not a section"
+                    f"--set {show_value('.'.join(path))}: recipe key "
+                    f"{show_value('.'.join(path[:depth]))} holds a value, not a section"
                 )
         node[path[-1]] = value
     return values

@@ -26,7 +26,7 @@ NEEDS: dict[str, list[tuple[str, str]]] = {
 """(path in the run folder, the command that writes it) each stage reads."""
 
 
-def check_stage(stage: str, recipe: Recipe, run_dir: Path, resume: bool = False) -> None:
+def check_stage(stage: str, recipe: Recipe, run_dir: Path) -> None:
     """A UserError for what would stop `stage` after it has begun: a missing upstream output
     or start checkpoint, absent data files, or data with no usable record."""
     for name, command in NEEDS.get(stage, []):
@@ -41,11 +41,6 @@ def check_stage(stage: str, recipe: Recipe, run_dir: Path, resume: bool = False)
     if stage in STARTS_FROM:
         _check_start(stage, recipe, run_dir)
         check_stage_data(stage, recipe)
-    if resume:
-        from scratchlm.train.checkpoint import list_checkpoints
-
-        if not list_checkpoints(run_dir / stage):
-            raise UserError(f"--resume: {run_dir / stage} has no checkpoint to continue from")
 
 
 def check_pipeline(recipe: Recipe, stages: list[str], until: str | None) -> None:

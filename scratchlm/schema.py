@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from scratchlm.errors import UserError
 
 MAX_INT = 2**63 - 1
 """The largest integer TOML (and so a recipe) can hold."""
@@ -82,3 +86,34 @@ def field_range(cls: type, name: str) -> Range | None:
         if declared is not None and "range" in declared.metadata:
             return declared.metadata["range"]
     return None
+
+
+def check_range(cls: type, name: str, value: Any, tp: Any, key: str) -> None:
+    """A UserError naming `key` when the number (or a number of the list) is out of its range."""
+    bounds = field_range(cls, name)
+    item_type = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+    if item_type not in (int, float):
+        return
+    if bounds is None:
+        raise TypeError(f"{cls.__name__}.{name} is a number without a declared range")
+    for number in value if isinstance(value, list) else [value]:
+        if not bounds.contains(number):
+            kind = "an integer" if item_type is int else "a number"
+            raise UserError(
+                f"recipe key {key} = {show_value(number)}: expected {bounds.describe(kind)}"
+            )
+
+
+def show_value(value: Any) -> str:
+    """A value for a one-line message: long strings and deep or long lists are cut short."""
+    return _SHORT_REPR.repr(value)
+
+
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, 60, 60
+    short.maxlist = short.maxdict = 6
+    return short
+
+
+_SHORT_REPR = _short_repr()

@@ -91,7 +91,7 @@ def trained_run(tmp_path):
         (["pretrain", "--set", "pretrain.micro_batch_size=0"], "micro_batch_size = 0"),
         (["pretrain"], "pretrain reads"),
         (["tokenize"], "tokenize reads"),
-        (["dpo", "--resume"], "--resume:"),
+        (["dpo", "--resume", "--set", "dpo.data=[]"], "dpo.data: no usable preference pairs"),
         (["pipeline", "--until", "pretrian"], "--until 'pretrian': expected one of"),
         (["pipeline", "--set", 'data.inputs=["nowhere/*.txt"]'], "input not found"),
     ],
