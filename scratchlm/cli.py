@@ -294,6 +294,9 @@ def _curate(argv: list[str]) -> int:
         args.recipe = args.recipe or (args.inputs[0] if args.inputs else None)
         recipe = _recipe(args, must_exist=False)
         _apply_executor_args(recipe.curate, args)
+        from scratchlm.preflight import check_curate
+
+        check_curate(recipe)
         _take_run_folder(args.run_dir, ["curate", *argv])
         _save_recipe(recipe, args.run_dir)
         stats = run_curate(recipe.data.inputs, args.run_dir / "curated", recipe.curate, only=only)

@@ -35,6 +35,8 @@ def check_stage(stage: str, recipe: Recipe, run_dir: Path) -> None:
                 f"{stage} reads {run_dir / name}, which is missing: run "
                 f"`scratchlm {command} --run-dir {run_dir}` first"
             )
+    if stage == "curate":
+        check_curate(recipe)
     if stage == "pretrain":
         _check_init_from("pretrain", recipe.pretrain.init_from)
         _check_tasks(recipe.pretrain.eval_tasks)
@@ -48,9 +50,7 @@ def check_pipeline(recipe: Recipe, stages: list[str], until: str | None) -> None
     inputs and data files of every stage exist and hold usable records."""
     if until is not None and until not in stages:
         raise UserError(f"--until {until!r}: expected one of {', '.join(stages)}")
-    from scratchlm.pipeline import input_files
-
-    input_files(recipe.data.inputs)
+    check_curate(recipe)
     _check_tasks(recipe.pretrain.eval_tasks + recipe.eval.tasks)
     _check_init_from("pretrain", recipe.pretrain.init_from)
     for stage in stages:
@@ -59,6 +59,21 @@ def check_pipeline(recipe: Recipe, stages: list[str], until: str | None) -> None
             check_stage_data(stage, recipe)
     if "ppo" in stages and not recipe.ppo.reward_fn and "reward" not in stages:
         _check_reward_model(recipe, None)
+
+
+def check_curate(recipe: Recipe) -> None:
+    """The curation inputs exist, curate.steps names known steps in a valid order, and the
+    quality step has its classifier."""
+    from scratchlm.curate.pipeline import resolve_steps
+    from scratchlm.pipeline import input_files
+
+    input_files(recipe.data.inputs)
+    steps = resolve_steps(recipe.curate.steps, None)
+    if "quality" in steps and not resolve(recipe.curate.quality_model).is_file():
+        raise UserError(
+            "the quality step needs curate.quality_model (a model from `scratchlm curate "
+            f"train-quality`); got {recipe.curate.quality_model!r}"
+        )
 
 
 def check_stage_data(stage: str, recipe: Recipe) -> None:
