@@ -150,4 +150,5 @@ def test_report_shows_task_tables_and_in_loop_scores(run, capsys):
     assert "Benchmarks" in report and "pretrain step 2 (scratchlm; limit 3, shots task" in report
     assert "<td>arc_easy</td><td>acc_norm</td>" in report
     assert "<td>2</td>" not in report  # the --limit 2 evaluation is not the pipeline's
+    assert "<tr><th>evaluation settings</th><td>limit 3, shots task defaults, data_dir " in report
     assert "task scores over steps" in report
