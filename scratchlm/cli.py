@@ -10,6 +10,7 @@ read-only commands do not take it.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -345,8 +346,23 @@ def _train_quality(argv: list[str]) -> int:
     return 0
 
 
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    """The sampling options in their ranges, before a model is loaded (one line naming the
+    option)."""
+    for option, value, ok, accepted in [
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0, "an integer >= 0"),
+        ("--temperature", args.temperature, 0 <= args.temperature < math.inf, "a number >= 0"),
+        ("--top-k", args.top_k, args.top_k >= 0, "an integer >= 0 (0: all tokens)"),
+        ("--top-p", args.top_p, 0 < args.top_p <= 1, "a number in (0, 1]"),
+    ]:
+        if not ok:
+            raise UserError(f"{option} {value}: expected {accepted}")
+
+
 def _generate(args: argparse.Namespace) -> int:
     from scratchlm.infer.stream import stream_to_terminal
+
+    _check_sampling_args(args)
 
     stream_to_terminal(
         args.path,
@@ -380,6 +396,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     from scratchlm.infer.chat import chat_in_terminal
+
+    _check_sampling_args(args)
 
     chat_in_terminal(
         args.path,

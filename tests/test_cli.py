@@ -163,3 +163,20 @@ def test_generate_names_the_checkpoint_it_loaded(trained_run, capsys):
     assert err == [
         f"generate: loaded {trained_run / 'pretrain' / 'step-000000'} (pretrain, step 0)"
     ]
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--temperature", "nan", "--temperature nan: expected a number >= 0"),
+        ("--temperature", "inf", "--temperature inf: expected a number >= 0"),
+        ("--top-p", "2", "--top-p 2.0: expected a number in (0, 1]"),
+        ("--top-k", "-3", "--top-k -3: expected an integer >= 0"),
+        ("--max-new-tokens", "-5", "--max-new-tokens -5: expected an integer >= 0"),
+    ],
+)
+def test_bad_sampling_options_are_refused_before_loading(tmp_path, capsys, option, value, message):
+    for command in ("generate", "chat"):
+        extra = ["--prompt", "hi"] if command == "generate" else []
+        # the folder does not exist: the options are checked first, so that is not what is said
+        _refused(capsys, [command, str(tmp_path / "nope"), *extra, option, value], message)
