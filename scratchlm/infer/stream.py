@@ -9,7 +9,7 @@ from pathlib import Path
 from scratchlm.device import pick_device
 from scratchlm.infer.generate import generate
 from scratchlm.infer.sampling import SamplingParams
-from scratchlm.loading import load
+from scratchlm.loading import describe_checkpoint, from_checkpoint, read_checkpoint
 
 
 def streamable_text(text: str, stops: Sequence[str] = (), finished: bool = False) -> str:
@@ -42,7 +42,10 @@ def stream_to_terminal(
     SamplingParams(
         max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
     ).check()
-    model, tokenizer = load(path, device=pick_device(device, "--device"))
+    target = pick_device(device, "--device")
+    ckpt = read_checkpoint(path)
+    print(f"generate: loaded {describe_checkpoint(ckpt, path)}", file=sys.stderr, flush=True)
+    model, tokenizer = from_checkpoint(ckpt, device=target)
     ids = tokenizer.encode(prompt, add_bos=True)
     sys.stdout.write(prompt)
     sys.stdout.flush()
