@@ -42,7 +42,9 @@ def _rotate(x: Tensor, freqs: Tensor, out: Tensor) -> None:
 
 def _complex_table(freqs: Tensor, like: Tensor) -> Tensor:
     """freqs [(B,) T, hd/2] as a table that broadcasts over [B, T, groups, heads, hd/2]."""
-    freqs = freqs.to(torch.complex128 if like.dtype == torch.float64 else torch.complex64)
+    dtype = torch.complex128 if like.dtype == torch.float64 else torch.complex64
+    if freqs.dtype != dtype:  # a conversion that would not happen still costs a dispatch
+        freqs = freqs.to(dtype)
     return freqs.view(*freqs.shape[:-1], 1, 1, freqs.shape[-1])
 
 

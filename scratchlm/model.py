@@ -185,9 +185,10 @@ class TransformerBlock(nn.Module):
         q, k, v = split_qkv_rope(qkv, freqs, attn.n_rep, attn.head_dim)
         out = context.attend(layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         h = x + attn.wo(out.transpose(1, 2).reshape(B, T, -1))
-        gate_up = ffn.w_gate_up(self.ffn_norm(h))
+        w_gate_up = ffn.w_gate_up
+        gate_up = w_gate_up(self.ffn_norm(h))
         # Under tensor parallelism this rank holds a whole number of the groups.
-        groups = max(1, ffn.groups * gate_up.shape[-1] // ffn.w_gate_up.out_features)
+        groups = max(1, ffn.groups * gate_up.shape[-1] // w_gate_up.out_features)
         return h + ffn.w_down(swiglu(gate_up, groups))
 
 
