@@ -293,8 +293,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x / rms(x) * weight over the last dim, statistics in at least fp32."""
     if not _needs_grad(x, weight):
         # The same arithmetic (statistics in fp32, rounded to x's dtype before the weight) in
-        # torch's fused kernel.
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        # torch's own op, called without F.rms_norm's Python wrapper.
+        return torch.rms_norm(x, (x.shape[-1],), weight, eps)
     if _compiled_plain("rms_norm", x):
         xf = _upcast(x)
         return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
