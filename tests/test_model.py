@@ -132,6 +132,16 @@ def test_cached_decoding_equals_full_forward():
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
 
 
+def test_outputs_at_runs_the_head_on_those_positions_only():
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    tokens = torch.randint(0, 97, (3, 10))
+    at = torch.tensor([0, 9, 10, 29, 17])  # flat indices into the 3 * 10 positions
+    with torch.no_grad():
+        full = model(tokens)
+        assert torch.allclose(model(tokens, outputs_at=at), full.flatten(0, 1)[at], atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_without_a_gradient_give_the_custom_ops_values(dtype):
     torch.manual_seed(0)
