@@ -51,7 +51,6 @@ from dataclasses import dataclass, field
 import torch
 
 from scratchlm.errors import UserError
-from scratchlm.infer.fast_forward import InferenceForward
 from scratchlm.infer.kv_cache import PagedKVCache, PagedStep, plan_step
 from scratchlm.infer.sampling import SamplingParams, sample_rows, token_logprobs
 from scratchlm.model import Transformer
@@ -141,7 +140,6 @@ class Engine:
             device=self.device,
             dtype=weight.dtype,
         )
-        self.fast_forward = InferenceForward.for_model(model)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
@@ -281,12 +279,8 @@ class Engine:
         position_tensor = torch.tensor(positions, device=device).view(-1, 1)
         context = PagedStep(self.cache, plan, position_tensor)
         row_tensor = None if len(rows) == len(tokens) else torch.tensor(rows, device=device)
-        if self.fast_forward is not None:
-            logits = self.fast_forward(token_tensor, context, row_tensor)
-            logits = logits[:, 0] if row_tensor is None else logits
-        else:
-            logits = self.model(token_tensor, context=context)[:, 0]
-            logits = logits if row_tensor is None else logits[row_tensor]
+        logits = self.model(token_tensor, context=context, outputs_at=row_tensor)
+        logits = logits[:, 0] if row_tensor is None else logits
         self.steps += 1
 
         sampling: list[tuple[Request, int]] = [(r, i) for i, r in enumerate(decode)]
