@@ -354,6 +354,12 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
         ("--temperature", args.temperature, 0 <= args.temperature < math.inf, "a number >= 0"),
         ("--top-k", args.top_k, args.top_k >= 0, "an integer >= 0 (0: all tokens)"),
         ("--top-p", args.top_p, 0 < args.top_p <= 1, "a number in (0, 1]"),
+        (
+            "--seed",
+            args.seed,
+            args.seed is None or -(2**63) <= args.seed < 2**64,
+            "a 64-bit integer",
+        ),
     ]:
         if not ok:
             raise UserError(f"{option} {value}: expected {accepted}")

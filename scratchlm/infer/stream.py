@@ -8,7 +8,6 @@ from pathlib import Path
 
 from scratchlm.device import pick_device
 from scratchlm.infer.generate import generate
-from scratchlm.infer.sampling import SamplingParams
 from scratchlm.loading import describe_checkpoint, from_checkpoint, read_checkpoint
 
 
@@ -38,10 +37,8 @@ def stream_to_terminal(
 ) -> str:
     """Print the prompt, then each new piece of text as soon as it decodes to whole characters.
 
-    Bad settings and a device that is not there are refused before the model loads."""
-    SamplingParams(
-        max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
-    ).check()
+    A device that is not there is refused before the model loads (the CLI checks the sampling
+    options before that)."""
     target = pick_device(device, "--device")
     ckpt = read_checkpoint(path)
     print(f"generate: loaded {describe_checkpoint(ckpt, path)}", file=sys.stderr, flush=True)
