@@ -63,12 +63,13 @@ def sample_batch(
         )
         for i in range(len(prompts))
     ]
-    try:
-        requests = engine.generate_batch(prompts, params)
-    except RuntimeError as e:  # torch.multinomial refuses probabilities that are NaN or inf
-        if "inf" in str(e) or "nan" in str(e):
-            raise NonFiniteLogits(f"the policy's logits are NaN or infinite ({e})") from None
-        raise
+    requests = engine.generate_batch(prompts, params)
+    # The engine ends a request whose logits cannot be sampled (NaN or infinite) with "error".
+    broken = sum(r.finish_reason == "error" for r in requests)
+    if broken:
+        raise NonFiniteLogits(
+            f"the policy's logits are NaN or infinite for {broken} of {len(requests)} prompts"
+        )
     return [Sample(list(r.token_ids), r.finish_reason) for r in requests]
 
 
