@@ -14,7 +14,7 @@ recipe, fp32, no compile unless --compile.
 
     python bench/gpu.py [--sizes 124m,1b] [--steps 10] [--optimizer adamw|muon] [--json]
     python bench/gpu.py --device cpu --steps 2 [--sizes tiny]
-    python bench/gpu.py --quick [--json]   # the tiny recipe, 1 + 2 steps, on the GPU if there is one
+    python bench/gpu.py --quick [--json]   # tiny recipe, 1 + 2 steps; on a GPU where there is one
 """
 
 from __future__ import annotations
