@@ -17,7 +17,7 @@ and the load average are printed beside its result: a share well under 1 means o
 took the cores, and the figures of that side are pessimistic.
 
     python bench/quality_per_time.py [--seconds 150] [--sides anchor,muon,adamw] [--json]
-    python bench/quality_per_time.py --quick [--json]   # all sides, 10 s each, on 200k characters
+    python bench/quality_per_time.py --quick [--json]   # all sides, 6 s each, on 100k characters
 
 --quick checks the script, not the recipe: its figures say nothing about quality.
 """
@@ -84,8 +84,8 @@ SIDE_RECIPES = {
     "adamw": ["pretrain.optimizer=adamw", "pretrain.lr=4e-3", "pretrain.min_lr=4e-4"],
 }
 # --quick: the first characters of the text, and a budget that leaves each side a few steps.
-QUICK_CHARS = 200_000
-QUICK_SECONDS = 10.0
+QUICK_CHARS = 100_000
+QUICK_SECONDS = 6.0
 SIDE_NAMES = {
     "anchor": "nanoGPT CPU recipe (GPT2LMHeadModel)",
     "muon": "scratchlm, Muon + AdamW",
