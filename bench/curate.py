@@ -173,9 +173,9 @@ def main() -> None:
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--skip-datatrove", action="store_true")
     ap.add_argument("--html-pages", type=Path, default=HTML_PAGES)
-    ap.add_argument("--html-limit", type=int, default=300, help=argparse.SUPPRESS)
-    ap.add_argument("--warc-passes", type=int, default=5, help=argparse.SUPPRESS)
-    ap.add_argument("--datatrove-docs", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--html-limit", type=int, default=300, help="saved pages for the html rate")
+    ap.add_argument("--warc-passes", type=int, default=5, help="passes over the WARC files")
+    ap.add_argument("--datatrove-docs", type=int, default=0, help="first N vs datatrove (0: all)")
     ap.add_argument("--quick", action="store_true", help="a check of the script, in seconds")
     args = ap.parse_args()
     if args.quick:  # new defaults; options given on the command line still win
