@@ -41,9 +41,9 @@ from scratchlm.align.rl import (  # noqa: E402
 )
 from scratchlm.align.rollout import build_rows, score_rows  # noqa: E402
 from scratchlm.align.stage import language_model, tokenizer_for  # noqa: E402
+from scratchlm.checkpoint import load_checkpoint  # noqa: E402
 from scratchlm.config import load_recipe, save_recipe  # noqa: E402
 from scratchlm.pipeline import run_pipeline  # noqa: E402
-from scratchlm.train.checkpoint import load_checkpoint  # noqa: E402
 from scratchlm.train.metrics import read_metrics  # noqa: E402
 
 # --quick: recipes/align.toml at toy sizes, every stage for a step or two (here and bench/align.py).

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from scratchlm.checkpoint import model_tensors, save_checkpoint
 from scratchlm.evaluate.generation import generation_budget
 from scratchlm.evaluate.harness import ScratchLM, run_harness
 from scratchlm.evaluate.tasks import EvalOptions, get_task, task_names
@@ -44,7 +45,6 @@ from scratchlm.loading import load
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.paths import PROJECT_ROOT
 from scratchlm.tokenizer import train_tokenizer
-from scratchlm.train.checkpoint import model_tensors, save_checkpoint
 
 POINT_METRICS = ("acc", "acc_norm", "exact_match", "exact_match_flexible")
 RATIO_METRICS = ("perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from scratchlm.checkpoint import model_tensors, save_checkpoint
 from scratchlm.export.gguf import export_gguf
 from scratchlm.export.hf import export_run
 from scratchlm.infer.generate import generate
@@ -40,7 +41,6 @@ from scratchlm.loading import load
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.paths import PROJECT_ROOT
 from scratchlm.tokenizer import train_tokenizer
-from scratchlm.train.checkpoint import model_tensors, save_checkpoint
 
 SIZES = {
     "1M": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=2048),

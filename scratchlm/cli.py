@@ -10,6 +10,7 @@ read-only commands do not take it.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -17,8 +18,6 @@ from pathlib import Path
 from scratchlm.errors import RunFault, UserError
 
 DEFAULT_RECIPE = "recipes/tiny.toml"
-# Commands that only read a run folder: they run beside a training that holds its lock.
-READ_ONLY = {"generate", "chat", "eval", "export", "serve"}
 
 
 def _add_recipe_args(p: argparse.ArgumentParser, run_dir_required: bool = True) -> None:
@@ -35,6 +34,32 @@ def _add_recipe_args(p: argparse.ArgumentParser, run_dir_required: bool = True) 
         metavar="SECTION.KEY=VALUE",
         help="override a recipe key (the value parses as TOML)",
     )
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        help="longest answer in tokens (default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        help="0: greedy; higher: more varied (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-k", type=int, default=50, help="sample from the K likeliest tokens; 0: all"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=0.95,
+        help="sample from the likeliest tokens whose probabilities reach P (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="make the sampling repeatable")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
 
 
 def _add_executor_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="run every stage in order, skipping those up to date")
     _add_recipe_args(p)
-    p.add_argument("--until", help="stop after this stage")
+    p.add_argument("--until", help="stop after this stage (curate, tokenizer, ..., eval, report)")
 
     p = sub.add_parser(
         "curate",
@@ -81,7 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (or fsspec URL, e.g. s3://bucket/out)")
     p.add_argument("--run-dir", type=Path, help="run the stage of this run folder")
     p.add_argument("--recipe", help="recipe whose [curate] section to use")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe key (the value parses as TOML)",
+    )
     p.add_argument("--only", help="run only these steps (comma-separated)")
     _add_executor_args(p)
 
@@ -118,42 +149,52 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"continue from the newest checkpoint in RUN_DIR/{name}",
         )
 
-    p = sub.add_parser("generate", help="sample text from a trained model")
-    p.add_argument("path", type=Path, help="run folder or checkpoint")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p = sub.add_parser(
+        "generate",
+        help="sample text from a trained model",
+        description="Continue a prompt with a trained model. A run folder gives its last stage "
+        "with a checkpoint (ppo, grpo, dpo, sft, then pretrain; the line on stderr names it); "
+        "give a stage or checkpoint folder to choose another.",
+    )
+    p.add_argument("path", type=Path, help="run folder, stage folder or checkpoint")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    _add_sampling_args(p, max_new_tokens=200)
 
-    p = sub.add_parser("chat", help="talk to a model in the terminal")
-    p.add_argument("path", type=Path, help="run folder or checkpoint")
+    p = sub.add_parser(
+        "chat",
+        help="talk to a model in the terminal",
+        description="A conversation with a model through its chat template; a run folder gives "
+        "its last stage with a checkpoint (the line on stderr names it).",
+    )
+    p.add_argument("path", type=Path, help="run folder, stage folder or checkpoint")
     p.add_argument("--system", default="", help="the system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    _add_sampling_args(p, max_new_tokens=256)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and a chat page")
     p.add_argument("path", type=Path, help="run folder or checkpoint")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
+    )
     p.add_argument("--api-key", default=None, help="clients must send 'Authorization: Bearer KEY'")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoding at once")
     p.add_argument("--cache-tokens", type=int, default=None, help="KV cache size in tokens")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--model-name", default=None, help="the model id (default: the folder name)")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="SIGTERM grace period")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
 
     p = sub.add_parser("export", help="write the model in another format")
     p.add_argument("path", type=Path, help="run folder or checkpoint")
-    p.add_argument("--format", choices=["hf", "gguf"], required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--format",
+        choices=["hf", "gguf"],
+        required=True,
+        help="hf: a Hugging Face Llama folder; gguf: one file for llama.cpp",
+    )
+    p.add_argument("--out", type=Path, required=True, help="the folder (hf) or .gguf file to write")
     p.add_argument(
         "--dtype", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF tensor type"
     )
@@ -170,13 +211,21 @@ def _add_eval_parser(sub) -> None:
         help="benchmark scores, validation bits-per-byte and samples of a checkpoint",
         description="scratchlm eval RUN_OR_CHECKPOINT [--tasks hellaswag,arc_easy,...], or as a "
         "stage: scratchlm eval [RECIPE] --run-dir DIR (the recipe's eval.tasks, the validation "
-        "split and samples). Results go to RUN/eval/<stage>-<step>.json and RUN/eval/results.json.",
+        "split and samples). Results go to RUN/eval/<stage>-<step>.json and RUN/eval/results.json; "
+        "with settings other than the run's [eval] (--limit, --shots, --data...), to "
+        "RUN/eval/<stage>-<step>.<settings>.json, which the report does not show.",
     )
     p.add_argument(
         "target", nargs="?", help="run folder or checkpoint (or a recipe with --run-dir)"
     )
     p.add_argument("--run-dir", type=Path, help="the run folder (stage form)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe key (the value parses as TOML)",
+    )
     p.add_argument("--tasks", help="comma-separated task names (default: the recipe's eval.tasks)")
     p.add_argument("--data", help="read the one task given from this file (same layout)")
     p.add_argument("--data-dir", help="folder of the task files (default: eval.data_dir)")
@@ -202,7 +251,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _recipe(args: argparse.Namespace, must_exist: bool = True):
-    from scratchlm.config import load_recipe, save_recipe
+    """The recipe of a stage command, validated; nothing is written (see _save_recipe)."""
+    from scratchlm.config import load_recipe
 
     run_dir: Path = args.run_dir
     if must_exist and not run_dir.is_dir():
@@ -210,10 +260,15 @@ def _recipe(args: argparse.Namespace, must_exist: bool = True):
     path = args.recipe
     if path is None:
         path = run_dir / "recipe.toml" if (run_dir / "recipe.toml").is_file() else DEFAULT_RECIPE
-    recipe = load_recipe(Path(path), args.set)
+    return load_recipe(Path(path), args.set)
+
+
+def _save_recipe(recipe, run_dir: Path) -> None:
+    """RUN/recipe.toml, once the command has passed its checks and holds the run folder."""
+    from scratchlm.config import save_recipe
+
     if int(os.environ.get("RANK", "0")) == 0:
         save_recipe(recipe, run_dir / "recipe.toml")
-    return recipe
 
 
 def _take_run_folder(folder: Path, argv: list[str], what: str = "run folder") -> None:
@@ -238,9 +293,13 @@ def _curate(argv: list[str]) -> int:
     only = args.only.split(",") if args.only else None
     if args.run_dir is not None:
         args.recipe = args.recipe or (args.inputs[0] if args.inputs else None)
-        _take_run_folder(args.run_dir, ["curate", *argv])
         recipe = _recipe(args, must_exist=False)
         _apply_executor_args(recipe.curate, args)
+        from scratchlm.preflight import check_curate
+
+        check_curate(recipe)
+        _take_run_folder(args.run_dir, ["curate", *argv])
+        _save_recipe(recipe, args.run_dir)
         stats = run_curate(recipe.data.inputs, args.run_dir / "curated", recipe.curate, only=only)
         print(curate_summary(stats))
         return 0
@@ -257,7 +316,7 @@ def _curate(argv: list[str]) -> int:
     return 0
 
 
-def _train_quality(argv: list[str]) -> int:
+def build_train_quality_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="scratchlm curate train-quality",
         description="train the fastText quality classifier: reference text against raw web text",
@@ -266,7 +325,11 @@ def _train_quality(argv: list[str]) -> int:
     p.add_argument("--negative", nargs="+", required=True, help="low-quality inputs")
     p.add_argument("--out", type=Path, required=True, help="where to write model.bin")
     p.add_argument("--text-separator", default="", help="split plain text files on this")
-    args = p.parse_args(argv)
+    return p
+
+
+def _train_quality(argv: list[str]) -> int:
+    args = build_train_quality_parser().parse_args(argv)
     from scratchlm import disk
     from scratchlm.curate.quality import train_quality
 
@@ -283,8 +346,29 @@ def _train_quality(argv: list[str]) -> int:
     return 0
 
 
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    """The sampling options in their ranges, before a model is loaded (one line naming the
+    option)."""
+    for option, value, ok, accepted in [
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0, "an integer >= 0"),
+        ("--temperature", args.temperature, 0 <= args.temperature < math.inf, "a number >= 0"),
+        ("--top-k", args.top_k, args.top_k >= 0, "an integer >= 0 (0: all tokens)"),
+        ("--top-p", args.top_p, 0 < args.top_p <= 1, "a number in (0, 1]"),
+        (
+            "--seed",
+            args.seed,
+            args.seed is None or -(2**63) <= args.seed < 2**64,
+            "a 64-bit integer",
+        ),
+    ]:
+        if not ok:
+            raise UserError(f"{option} {value}: expected {accepted}")
+
+
 def _generate(args: argparse.Namespace) -> int:
     from scratchlm.infer.stream import stream_to_terminal
+
+    _check_sampling_args(args)
 
     stream_to_terminal(
         args.path,
@@ -319,6 +403,8 @@ def _export(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from scratchlm.infer.chat import chat_in_terminal
 
+    _check_sampling_args(args)
+
     chat_in_terminal(
         args.path,
         system=args.system,
@@ -351,13 +437,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _import_hf(args: argparse.Namespace) -> int:
-    from scratchlm.export.hf_import import import_hf
+    from scratchlm.export.hf_import import read_hf_checkpoint, write_imported_run
 
-    checkpoint = import_hf(args.hf_dir, args.run_dir)
+    imported = read_hf_checkpoint(args.hf_dir)  # checked whole before the run folder is touched
+    _take_run_folder(args.run_dir, ["import-hf", str(args.hf_dir), "--run-dir", str(args.run_dir)])
+    checkpoint = write_imported_run(imported, args.run_dir)
     print(f"import-hf: wrote {checkpoint} and {args.run_dir / 'tokenizer.json'}")
     return 0
 
 
+# Commands that only read a run folder (they run beside a training that holds its lock), and
+# import-hf, which takes its folder once the checkpoint it reads has passed its checks.
 COMMANDS = {
     "export": _export,
     "chat": _chat,
@@ -386,17 +476,22 @@ def dispatch(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return _generate(args)
-    run_dir = getattr(args, "run_dir", None)
-    if args.command not in READ_ONLY and run_dir is not None:
-        if args.command not in ("pipeline", "import-hf") and not run_dir.is_dir():
-            raise UserError(f"run folder not found: {run_dir}")
-        _take_run_folder(run_dir, argv)
     if args.command in COMMANDS:
         return COMMANDS[args.command](args)
-    from scratchlm import pipeline
+    from scratchlm import pipeline, preflight
 
+    # Everything is checked before the first write: a refused command leaves the run as it was.
+    recipe = _recipe(args, must_exist=args.command != "pipeline")
     if args.command == "pipeline":
-        results = pipeline.run_pipeline(_recipe(args), args.run_dir, until=args.until)
+        preflight.check_pipeline(recipe, pipeline.run_stages(recipe), args.until)
+    else:
+        preflight.check_stage(args.command, recipe, args.run_dir)
+    if args.command == "tokenize":
+        _apply_executor_args(recipe.curate, args)
+    _take_run_folder(args.run_dir, argv)
+    _save_recipe(recipe, args.run_dir)
+    if args.command == "pipeline":
+        results = pipeline.run_pipeline(recipe, args.run_dir, until=args.until)
         if "eval" in results:
             ev = results["eval"]
             print(f"\nvalidation bits per byte: {ev['val_bpb']:.4f}")
@@ -406,9 +501,6 @@ def dispatch(argv: list[str]) -> int:
         if "report" in results:
             print(f"\nreport: {results['report']['report']}")
         return 0
-    recipe = _recipe(args)
-    if args.command == "tokenize":
-        _apply_executor_args(recipe.curate, args)
     if args.command == "pretrain":
         pipeline.run_pretrain(recipe, args.run_dir, resume=args.resume)
     elif args.command in pipeline.ALIGN_STAGES:

@@ -18,6 +18,12 @@ from typing import Any, Literal
 from scratchlm.curate.config import CurateConfig
 from scratchlm.errors import UserError
 from scratchlm.paths import resolve
+from scratchlm.schema import check_range, ranged, show_value
+
+MAX_SEED = 2**32 - 1
+"""numpy's and Python's generators take seeds up to this."""
+MIN_VOCAB_SIZE = 263
+"""The 256 byte tokens and the 7 special tokens (scratchlm.tokenizer.MIN_VOCAB_SIZE)."""
 
 
 @dataclass
@@ -28,33 +34,46 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    max_chars: int = 50_000_000
+    max_chars: int = ranged(50_000_000, ge=1)
     """Characters of the documents the BPE merges are learned from (the rest is only tokenized)."""
-    min_frequency: int = 2
+    min_frequency: int = ranged(2, ge=1)
 
 
 @dataclass
 class TokensConfig:
-    val_fraction: float = 0.02
+    val_fraction: float = ranged(0.02, ge=0, lt=1)
     """Share of documents held out for validation."""
-    workers: int = 0
+    workers: int = ranged(0, ge=0, le=4096)
     """Tokenizer processes; 0 means one per core."""
 
 
 @dataclass
 class ModelSection:
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    max_seq_len: int = 256
-    vocab_size: int = 2048
+    dim: int = ranged(128, ge=2, le=2**16)
+    n_layers: int = ranged(4, ge=1, le=1024)
+    n_heads: int = ranged(4, ge=1, le=1024)
+    n_kv_heads: int = ranged(2, ge=1, le=1024)
+    max_seq_len: int = ranged(256, ge=1, le=2**20)
+    vocab_size: int = ranged(2048, ge=MIN_VOCAB_SIZE, le=2**21)
     """Also the size the tokenizer is trained to."""
-    ffn_dim: int = 0
+    ffn_dim: int = ranged(0, ge=0, le=2**18)
     """SwiGLU hidden size; 0 derives it from dim (8/3 * dim rounded up to a multiple of 64)."""
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    norm_eps: float = ranged(1e-5, gt=0, lt=1)
+    rope_theta: float = ranged(10000.0, gt=0)
     tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        # The ranges of the single keys are checked when the recipe is read; these relate two.
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise UserError(
+                f"recipe keys model.dim = {self.dim}, model.n_heads = {self.n_heads}: dim must be "
+                "n_heads x an even head size"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(
+                f"recipe keys model.n_heads = {self.n_heads}, model.n_kv_heads = "
+                f"{self.n_kv_heads}: n_heads must be a multiple of n_kv_heads"
+            )
 
 
 @dataclass
@@ -62,34 +81,34 @@ class TrainConfig:
     """The keys every training stage has (pretrain, sft, reward, dpo, ppo, grpo); a stage's
     section adds its own and may change the defaults."""
 
-    max_steps: int = 1000
-    max_seconds: float = 0.0
+    max_steps: int = ranged(1000, ge=1)
+    max_seconds: float = ranged(0.0, ge=0)
     """Stop by wall clock after this many seconds of the stage (0: no limit)."""
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    lr: float = ranged(3e-3, ge=0, le=100)
+    min_lr: float = ranged(3e-4, ge=0, le=100)
+    warmup_steps: int = ranged(50, ge=0)
+    weight_decay: float = ranged(0.1, ge=0)
+    beta1: float = ranged(0.9, ge=0, lt=1)
+    beta2: float = ranged(0.95, ge=0, lt=1)
+    grad_clip: float = ranged(1.0, ge=0)
     optimizer: Literal["adamw", "muon"] = "adamw"
     """muon: Muon for the 2-D hidden matrices (attention, MLP), AdamW (lr, weight_decay, beta1,
     beta2) for embeddings, the output head and norms."""
-    muon_lr: float = 0.02
+    muon_lr: float = ranged(0.02, ge=0, le=100)
     """Muon's peak learning rate; the schedule scales it like lr."""
-    muon_momentum: float = 0.95
-    muon_weight_decay: float = 0.0
+    muon_momentum: float = ranged(0.95, ge=0, lt=1)
+    muon_weight_decay: float = ranged(0.0, ge=0)
     schedule: Literal["cosine", "wsd"] = "cosine"
     """After the warmup: cosine decay to min_lr, or wsd (warmup-stable-decay): the peak until the
     last decay_fraction of the run, then a linear decay to min_lr."""
-    decay_fraction: float = 0.2
+    decay_fraction: float = ranged(0.2, gt=0, le=1)
     """wsd: the share of the run (steps or max_seconds) spent decaying."""
-    micro_batch_size: int = 32
+    micro_batch_size: int = ranged(32, ge=1)
     """Rows per forward pass; lowered (with a note) when a rank's share of the batch is smaller."""
-    seed: int = 1337
-    eval_every: int = 250
-    save_every: int = 500
-    keep_checkpoints: int = 2
+    seed: int = ranged(1337, ge=0, le=MAX_SEED)
+    eval_every: int = ranged(250, ge=0)
+    save_every: int = ranged(500, ge=0)
+    keep_checkpoints: int = ranged(2, ge=1)
     compile: bool = False
     device: str = "auto"
     """auto, cpu, cuda, cuda:N or mps."""
@@ -98,29 +117,23 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A step whose loss or gradient norm is NaN or infinite is never applied. stop: the run
     stops there; skip: the step is skipped and counted, and the run goes on."""
-    nonfinite_limit: int = 5
+    nonfinite_limit: int = ranged(5, ge=1)
     """With on_nonfinite = "skip": this many skipped steps in a row stop the run, with a
     checkpoint."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.decay_fraction <= 1.0:
-            raise UserError(
-                f"recipe key decay_fraction = {self.decay_fraction}: expected a number in (0, 1]"
-            )
 
 
 @dataclass
 class PretrainConfig(TrainConfig):
-    tokens_per_step: int = 8192
+    tokens_per_step: int = ranged(8192, ge=1)
     """The global batch in tokens; gradient accumulation is derived from it."""
-    eval_tokens: int = 65536
+    eval_tokens: int = ranged(65536, ge=1)
     """Validation tokens per evaluation."""
     init_from: str = ""
     """A checkpoint (or run folder) whose model and weights training starts from, instead of a
     freshly initialised [model] (for example one made by `scratchlm import-hf`)."""
     eval_tasks: list[str] = field(default_factory=list)
     """Benchmark tasks scored every eval_every steps during pretraining (cheap ones: hellaswag)."""
-    eval_tasks_limit: int = 200
+    eval_tasks_limit: int = ranged(200, ge=0)
     """Examples per in-loop task (the first ones of its file)."""
 
 
@@ -132,22 +145,22 @@ class AlignConfig:
         default_factory=lambda: ["Give three tips for staying healthy.", "What is a verb?"]
     )
     """Chat prompts each generating stage answers at its end (greedy), for the report."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = ranged(64, ge=1)
 
 
 @dataclass
 class SFTConfig(TrainConfig):
     data: list[str] = field(default_factory=lambda: ["data/instruct"])
     """Chat files (any layout scratchlm.align.formats reads), folders or both."""
-    val_fraction: float = 0.1
+    val_fraction: float = ranged(0.1, ge=0, lt=1)
     """Share of prompts held out for validation (the same prompts in every stage)."""
-    max_seq_len: int = 0
+    max_seq_len: int = ranged(0, ge=0)
     """Row length in tokens; 0: the model's context."""
     truncation: Literal["drop_oldest_turns", "none"] = "drop_oldest_turns"
     """A record too long loses its oldest exchanges ("none": it is set aside)."""
     init_from: str = ""
     """The checkpoint to start from; empty: RUN/pretrain."""
-    rows_per_step: int = 16
+    rows_per_step: int = ranged(16, ge=1)
     """Packed rows of max_seq_len tokens per optimizer step."""
     max_steps: int = 300
     lr: float = 1e-3
@@ -162,13 +175,13 @@ class SFTConfig(TrainConfig):
 class RewardConfig(TrainConfig):
     data: list[str] = field(default_factory=lambda: ["data/preference"])
     """Preference files (any layout scratchlm.align.formats reads), folders or both."""
-    val_fraction: float = 0.1
-    max_seq_len: int = 0
+    val_fraction: float = ranged(0.1, ge=0, lt=1)
+    max_seq_len: int = ranged(0, ge=0)
     truncation: Literal["drop_oldest_turns", "none"] = "drop_oldest_turns"
     init_from: str = ""
     """The checkpoint to start from; empty: RUN/sft (the reward stage needs SFT first)."""
-    pairs_per_step: int = 32
-    margin: float = 0.0
+    pairs_per_step: int = ranged(32, ge=1)
+    margin: float = ranged(0.0)
     """Bradley-Terry margin for pairs that do not carry their own "margin" field."""
     max_steps: int = 200
     lr: float = 3e-4
@@ -183,17 +196,17 @@ class RewardConfig(TrainConfig):
 @dataclass
 class DPOConfig(TrainConfig):
     data: list[str] = field(default_factory=lambda: ["data/preference"])
-    val_fraction: float = 0.1
-    max_seq_len: int = 0
+    val_fraction: float = ranged(0.1, ge=0, lt=1)
+    max_seq_len: int = ranged(0, ge=0)
     truncation: Literal["drop_oldest_turns", "none"] = "drop_oldest_turns"
     init_from: str = ""
     """The policy's (and the frozen reference's) start; empty: RUN/sft."""
-    pairs_per_step: int = 32
-    beta: float = 0.1
+    pairs_per_step: int = ranged(32, ge=1)
+    beta: float = ranged(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    label_smoothing: float = 0.0
+    label_smoothing: float = ranged(0.0, ge=0, lt=0.5)
     """Conservative DPO: the chance that a pair's label is wrong (sigmoid loss only)."""
-    sft_weight: float = 0.0
+    sft_weight: float = ranged(0.0, ge=0)
     """Weight of the chosen responses' per-token cross-entropy added to the loss (RPO): it keeps
     DPO from lowering the likelihood of the chosen responses along with the rejected ones."""
     max_steps: int = 200
@@ -213,28 +226,28 @@ class RolloutConfig(TrainConfig):
 
     data: list[str] = field(default_factory=list)
     """Prompt sources: chat, preference or GSM8K-layout files, or `arithmetic[:N]`."""
-    val_fraction: float = 0.1
+    val_fraction: float = ranged(0.1, ge=0, lt=1)
     """Share of prompts held out for evaluation: the prompts every stage holds out."""
-    eval_prompts: int = 64
+    eval_prompts: int = ranged(64, ge=0)
     """Held-out prompts answered at each evaluation."""
     init_from: str = ""
     """The policy's starting checkpoint (or run folder); empty: RUN/sft."""
     reward_fn: str = ""
     """A reward function `module:function` called as fn(prompt, response, reference)."""
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    epochs: int = 2
+    max_new_tokens: int = ranged(64, ge=1)
+    temperature: float = ranged(1.0, ge=0)
+    top_k: int = ranged(0, ge=0)
+    top_p: float = ranged(1.0, gt=0, le=1)
+    epochs: int = ranged(2, ge=1)
     """Passes over each rollout batch."""
-    minibatch_size: int = 16
+    minibatch_size: int = ranged(16, ge=1)
     """Responses per optimizer step (split into micro_batch_size rows per forward)."""
-    clip_range: float = 0.2
+    clip_range: float = ranged(0.2, gt=0)
     """The policy ratio is clipped to [1 - clip_range, 1 + clip_range]."""
-    kl_coef: float = 0.05
+    kl_coef: float = ranged(0.05, ge=0)
     """Weight of the KL penalty to the reference policy (the frozen starting policy)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    max_skipped_rollouts: int = 5
+    max_skipped_rollouts: int = ranged(5, ge=0)
     """Rollouts with NaN rewards or logits are skipped; past this many the run stops."""
 
 
@@ -252,7 +265,7 @@ class PPOConfig(RolloutConfig):
     micro_batch_size: int = 16
     eval_every: int = 20
     save_every: int = 50
-    rollout_batch: int = 64
+    rollout_batch: int = ranged(64, ge=1)
     """Prompts answered per step (one response each)."""
     kl_coef: float = 0.2
     """A small policy learns to please a small reward model with long, unended answers when the
@@ -260,17 +273,24 @@ class PPOConfig(RolloutConfig):
     quarter of its answers never ended; at 0.2, 6 nats and 9% (docs/align.md)."""
     reward_model: str = ""
     """The reward model's checkpoint (or run folder); empty: RUN/reward. Unused with reward_fn."""
-    critic_lr: float = 0.0
+    critic_lr: float = ranged(0.0, ge=0, le=100)
     """The value model's peak learning rate; 0: lr."""
-    kl_target: float = 0.0
+    kl_target: float = ranged(0.0, ge=0)
     """With a target (in nats per response) the KL coefficient adapts to reach it; 0: fixed."""
-    kl_horizon: int = 10000
+    kl_horizon: int = ranged(10000, ge=1)
     """Responses over which the adaptive coefficient moves by at most a factor of e^0.2."""
-    gamma: float = 1.0
-    lam: float = 0.95
-    value_clip_range: float = 0.2
-    missing_end_penalty: float = 2.0
+    gamma: float = ranged(1.0, ge=0, le=1)
+    lam: float = ranged(0.95, ge=0, le=1)
+    value_clip_range: float = ranged(0.2, gt=0)
+    missing_end_penalty: float = ranged(2.0, ge=0)
     """Subtracted from the reward of a response with no <|end|> within max_new_tokens."""
+
+    def __post_init__(self) -> None:
+        if self.rollout_batch % self.minibatch_size:
+            raise UserError(
+                f"recipe keys ppo.rollout_batch = {self.rollout_batch}, ppo.minibatch_size = "
+                f"{self.minibatch_size}: rollout_batch must be a multiple of ppo.minibatch_size"
+            )
 
 
 @dataclass
@@ -289,50 +309,66 @@ class GRPOConfig(RolloutConfig):
     minibatch_size: int = 64
     kl_coef: float = 0.04
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    prompts_per_step: int = 8
-    group_size: int = 8
+    prompts_per_step: int = ranged(8, ge=1)
+    group_size: int = ranged(8, ge=2)
     """Responses sampled per prompt (G); advantages are normalised within each group."""
     scale_rewards: bool = True
     """Divide each group's centred rewards by their standard deviation."""
+
+    def __post_init__(self) -> None:
+        responses = self.prompts_per_step * self.group_size
+        if responses % self.minibatch_size:
+            raise UserError(
+                f"recipe keys grpo.prompts_per_step = {self.prompts_per_step} x grpo.group_size "
+                f"= {self.group_size}, grpo.minibatch_size = {self.minibatch_size}: the responses "
+                "of a step must be a multiple of minibatch_size"
+            )
 
 
 @dataclass
 class SampleConfig:
     prompts: list[str] = field(default_factory=lambda: ["Once upon a time"])
-    max_new_tokens: int = 100
-    temperature: float = 0.8
-    top_k: int = 50
-    top_p: float = 0.95
-    seed: int = 0
+    max_new_tokens: int = ranged(100, ge=0)
+    temperature: float = ranged(0.8, ge=0)
+    top_k: int = ranged(50, ge=0)
+    top_p: float = ranged(0.95, gt=0, le=1)
+    seed: int = ranged(0, ge=0, le=MAX_SEED)
 
 
 @dataclass
 class EvalConfig:
     tasks: list[str] = field(default_factory=list)
     """Benchmark tasks the eval stage runs (docs/evaluate.md lists them)."""
-    limit: int = 0
+    limit: int = ranged(0, ge=0)
     """Examples per task (per subtask for mmlu and blimp), the first in file order; 0: all."""
-    batch_size: int = 32
+    batch_size: int = ranged(32, ge=1)
     """Rows of up to max_seq_len tokens per forward pass."""
     data_dir: str = "data/eval"
     """The task files: the bundled subsets, or a folder of the full files with the same names."""
     chat: bool = False
     """Prompt through the chat template (few-shot examples as turns)."""
-    max_gen_toks: int = 256
+    max_gen_toks: int = ranged(256, ge=1)
     """Longest generation (GSM8K); at most half the model's context."""
 
 
 @dataclass
 class ParallelConfig:
-    dp_replicate: int = 1
-    dp_shard: int = 1
+    dp_replicate: int = ranged(1, ge=1)
+    dp_shard: int = ranged(1, ge=-1)
     """FSDP2 degree; -1: the world size divided by dp_replicate x tp x pp."""
-    tp: int = 1
-    pp: int = 1
+    tp: int = ranged(1, ge=1)
+    pp: int = ranged(1, ge=1)
     pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
     activation_checkpointing: bool = False
     engine: Literal["torch", "deepspeed"] = "torch"
-    zero_stage: int = 3
+    zero_stage: int = ranged(3, ge=0, le=3)
+
+    def __post_init__(self) -> None:
+        if self.dp_shard == 0:
+            raise UserError(
+                "recipe key parallel.dp_shard = 0: expected an integer >= 1, or -1 (what the "
+                "world size leaves)"
+            )
 
 
 @dataclass
@@ -390,7 +426,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         ok = isinstance(value, str)
     if not ok:
-        raise UserError(f"recipe key {key} = {value!r}: expected {_describe(tp)}")
+        raise UserError(f"recipe key {key} = {show_value(value)}: expected {_describe(tp)}")
     return value
 
 
@@ -402,29 +438,32 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         full = f"{prefix}{key}"
         if key not in hints:
             raise UserError(
-                f"unknown recipe key {full!r}; {prefix.rstrip('.') or 'a recipe'} "
+                f"unknown recipe key {show_value(full)}; {prefix.rstrip('.') or 'a recipe'} "
                 f"accepts: {', '.join(names)}"
             )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise UserError(f"recipe key {full!r} must be a [section] table")
+                raise UserError(f"recipe key {show_value(full)} must be a [section] table")
             kwargs[key] = _build(tp, value, f"{full}.")
         else:
             kwargs[key] = _coerce(value, tp, full)
+            check_range(cls, key, kwargs[key], tp, full)
     return cls(**kwargs)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`section.key=value`, the value parsed as TOML; a bare word is a string."""
     if "=" not in text:
-        raise UserError(f"--set {text!r}: expected section.key=value")
+        raise UserError(f"--set {show_value(text)}: expected section.key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:
+        raise UserError(f"--set {show_value(key)}: the value is nested too deeply") from None
     return key.split("."), value
 
 
@@ -432,10 +471,13 @@ def merge_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     for text in overrides:
         path, value = parse_override(text)
         node = values
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1], 1):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise UserError(f"--set {text!r}: {part} is not a section")
+                raise UserError(
+                    f"--set {show_value('.'.join(path))}: recipe key "
+                    f"{show_value('.'.join(path[:depth]))} holds a value, not a section"
+                )
         node[path[-1]] = value
     return values
 
@@ -451,6 +493,8 @@ def load_recipe(path: Path | None, overrides: list[str] | None = None) -> Recipe
             values = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"recipe {path} is not valid TOML: {e}") from None
+        except RecursionError:
+            raise UserError(f"recipe {path}: a value is nested too deeply") from None
     values = merge_overrides(values, overrides or [])
     return _build(Recipe, values, "")
 

@@ -36,7 +36,9 @@ class Runtime:
         return f"device: {where}, precision: {self.precision_name}"
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, setting: str = "pretrain.device") -> torch.device:
+    """The device that `name` (auto, cpu, cuda, cuda:N or mps) names, checked to be there;
+    `setting` is how an error names the option."""
     if name == "auto":
         if torch.cuda.is_available():
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -47,11 +49,17 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(
-            f"pretrain.device = {name!r}: expected auto, cpu, cuda, cuda:N or mps"
-        ) from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{setting} = {name!r}: expected auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"pretrain.device = {name!r} but no CUDA GPU is visible")
+        raise UserError(f"{setting} = {name!r} but no CUDA GPU is visible")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(
+            f"{setting} = {name!r} but only {torch.cuda.device_count()} GPUs are visible"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{setting} = {name!r} but MPS is not available")
     return device
 
 

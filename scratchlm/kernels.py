@@ -6,7 +6,12 @@ everything around it instead of breaking the graph. The backward passes save onl
 and write gradients in place.
 
 Under torch.compile a kernel is used only where it beats the code inductor generates from plain
-torch ops; `COMPILED_USES_CUSTOM` records which, per device type, as measured by bench/compiled_kernels.py.
+torch ops; `COMPILED_USES_CUSTOM` records which, per device type, as measured by
+bench/compiled_kernels.py.
+
+When no gradient can flow (under no_grad or inference_mode, or no input requires grad) each kernel
+computes the same values with a few plain torch ops instead: a custom op's dispatch costs more than
+its arithmetic on a decode step's one row per request, and there is nothing to save for a backward.
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ def _rotate(x: Tensor, freqs: Tensor, out: Tensor) -> None:
 
 def _complex_table(freqs: Tensor, like: Tensor) -> Tensor:
     """freqs [(B,) T, hd/2] as a table that broadcasts over [B, T, groups, heads, hd/2]."""
-    freqs = freqs.to(torch.complex128 if like.dtype == torch.float64 else torch.complex64)
-    return freqs.unsqueeze(-2).unsqueeze(-2)
+    dtype = torch.complex128 if like.dtype == torch.float64 else torch.complex64
+    if freqs.dtype != dtype:  # a conversion that would not happen still costs a dispatch
+        freqs = freqs.to(dtype)
+    return freqs.view(*freqs.shape[:-1], 1, 1, freqs.shape[-1])
 
 
 @torch.library.custom_op("scratchlm::split_qkv_rope", mutates_args=())
@@ -124,12 +131,32 @@ def _split_qkv_rope_plain(
     return q, k, v
 
 
+def _split_qkv_rope_inference(
+    qkv: Tensor, freqs: Tensor, n_rep: int, head_dim: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The custom op's values without a gradient: q and k rotated by one complex multiply, k and
+    v views (of the rotated buffer and of qkv)."""
+    B, T, width = qkv.shape
+    groups = width // ((n_rep + 2) * head_dim)
+    x = qkv.view(B, T, groups, n_rep + 2, head_dim // 2, 2)
+    pairs, table = x[:, :, :, : n_rep + 1], _complex_table(freqs, qkv)
+    if qkv.dtype in (torch.float32, torch.float64):
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * table)
+    else:  # no complex bf16: rotate in fp32 and round once
+        rotated = torch.view_as_real(torch.view_as_complex(pairs.float()) * table).to(qkv.dtype)
+    q = rotated[:, :, :, :n_rep].reshape(B, T, groups * n_rep, head_dim)
+    k = rotated[:, :, :, n_rep].view(B, T, groups, head_dim)
+    return q, k, x[:, :, :, n_rep + 1].view(B, T, groups, head_dim)
+
+
 def split_qkv_rope(
     qkv: Tensor, freqs: Tensor, n_rep: int, head_dim: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Grouped fused qkv [B, T, G*(R+2)*hd] -> q [B, T, G*R, hd], k [B, T, G, hd] (both rotated)
     and v [B, T, G, hd]. freqs is complex [T, hd/2] (every row at the same positions) or
     [B, T, hd/2] (positions per row). The custom op saves nothing but the rotation table."""
+    if not _needs_grad(qkv):
+        return _split_qkv_rope_inference(qkv, freqs, n_rep, head_dim)
     if _compiled_plain("split_qkv_rope", qkv):
         return _split_qkv_rope_plain(qkv, freqs, n_rep, head_dim)
     return _split_qkv_rope(qkv, freqs, n_rep, head_dim)
@@ -141,10 +168,14 @@ def _chunk_rows(n_cols: int, device: torch.device) -> int:
     return max(1, (1 << 19 if device.type == "cpu" else 1 << 30) // n_cols)
 
 
+def _silu_gate_times_up(gate_up: Tensor, groups: int) -> Tensor:
+    x = gate_up.view(*gate_up.shape[:-1], groups, 2, -1)
+    return F.silu(x.select(-2, 0)).mul_(x.select(-2, 1)).flatten(-2)
+
+
 @torch.library.custom_op("scratchlm::swiglu", mutates_args=())
 def _swiglu(gate_up: Tensor, groups: int) -> Tensor:
-    x = gate_up.unflatten(-1, (groups, 2, -1))
-    return F.silu(x.select(-2, 0)).mul_(x.select(-2, 1)).flatten(-2)
+    return _silu_gate_times_up(gate_up, groups)
 
 
 @_swiglu.register_fake
@@ -192,6 +223,8 @@ torch.library.register_autograd("scratchlm::swiglu", _swiglu_grad, setup_context
 def swiglu(gate_up: Tensor, groups: int) -> Tensor:
     """silu(gate) * up from the grouped fused gate/up output [..., groups * (gate, up)]; the
     custom op saves only that output and overwrites it with its gradient in the backward."""
+    if not _needs_grad(gate_up):
+        return _silu_gate_times_up(gate_up, groups)
     if _compiled_plain("swiglu", gate_up):
         x = gate_up.unflatten(-1, (groups, 2, -1))
         return (F.silu(x.select(-2, 0)) * x.select(-2, 1)).flatten(-2)
@@ -259,6 +292,10 @@ torch.library.register_autograd(
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x / rms(x) * weight over the last dim, statistics in at least fp32."""
+    if not _needs_grad(x, weight):
+        # The same arithmetic (statistics in fp32, rounded to x's dtype before the weight) in
+        # torch's own op, called without F.rms_norm's Python wrapper.
+        return torch.rms_norm(x, (x.shape[-1],), weight, eps)
     if _compiled_plain("rms_norm", x):
         xf = _upcast(x)
         return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
@@ -338,6 +375,13 @@ def cross_entropy_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100
     return _cross_entropy(logits, targets, ignore_index, with_grad)[0]
 
 
+def _needs_grad(x: Tensor, weight: Tensor | None = None) -> bool:
+    """Whether a gradient can flow back to x or weight."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad)
+    )
+
+
 def _compiled_plain(kernel: str, x: Tensor) -> bool:
     """Whether torch.compile is tracing and should see plain ops instead of the custom op."""
     if not torch.compiler.is_compiling():
@@ -346,8 +390,8 @@ def _compiled_plain(kernel: str, x: Tensor) -> bool:
 
 
 # Under torch.compile, per device type: True where the custom op beat inductor's code from plain
-# ops in bench/compiled_kernels.py. On GPUs inductor fuses the plain ops into single Triton kernels, which
-# a sequence of ATen kernels cannot beat, so they stay plain there.
+# ops in bench/compiled_kernels.py. On GPUs inductor fuses the plain ops into single Triton kernels,
+# which a sequence of ATen kernels cannot beat, so they stay plain there.
 COMPILED_USES_CUSTOM: dict[str, dict[str, bool]] = {
     "cpu": {"split_qkv_rope": True, "swiglu": True, "rms_norm": True, "cross_entropy": True},
 }

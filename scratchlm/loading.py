@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
+from scratchlm.checkpoint import Checkpoint, load_checkpoint, load_weights
 from scratchlm.errors import UserError
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.checkpoint import Checkpoint, load_checkpoint, load_weights
 
 # Later stages refine earlier ones; a run's model is the newest stage that has a checkpoint
 # ("imported": a Hugging Face model brought in by `scratchlm import-hf`).
@@ -63,11 +63,29 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transfor
 
     `model(token_ids)` returns logits of shape [batch, time, vocab].
     """
+    return from_checkpoint(read_checkpoint(path), device)
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """The verified checkpoint of a run folder (its newest model, see latest_checkpoint_dir), a
+    stage folder (its newest step) or a checkpoint folder."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"not found: {path}")
-    target = latest_checkpoint_dir(path) if is_run_dir(path) else path
-    return from_checkpoint(load_checkpoint(target), device)
+    return load_checkpoint(latest_checkpoint_dir(path) if is_run_dir(path) else path)
+
+
+def describe_checkpoint(ckpt: Checkpoint, given: Path) -> str:
+    """'runs/tiny/ppo/step-000030 (ppo, step 30: the newest stage of the run ...)': which model
+    a command loaded, and for a run folder how it was chosen."""
+    step = ckpt.trainer_state.get("step", "?")
+    text = f"{ckpt.path} ({ckpt.path.parent.name}, step {step}"
+    if is_run_dir(Path(given)):
+        text += (
+            ": the run's last stage with a checkpoint; give a stage folder such as "
+            f"{Path(given) / 'pretrain'} to choose another"
+        )
+    return text + ")"
 
 
 def load_model(path: Path) -> tuple[Transformer, Path]:

@@ -1,8 +1,11 @@
 """The Llama-style decoder: RMSNorm, grouped-query attention with rotary embeddings, SwiGLU.
 
-Nothing here knows about training or parallelism. Speed comes from fewer, bigger kernels: q/k/v is
-one matmul and gate/up is one matmul, and RMSNorm, RoPE, SwiGLU and the loss are custom ops with
-hand-written backward passes (kernels.py) that torch.compile sees as single graph nodes.
+Nothing here knows about training or parallelism. One forward serves training, scoring and cached
+decoding; where keys and values come from is the `AttentionContext`'s business (the extension point
+for KV caches). Speed comes from fewer, bigger kernels: q/k/v is one matmul and gate/up is one
+matmul, and RMSNorm, RoPE, SwiGLU and the loss are custom ops with hand-written backward passes
+(kernels.py) that torch.compile sees as single graph nodes; when no gradient is needed they run as
+a few plain torch ops, so inference pays for no autograd machinery.
 
 Both fused weights are stored in groups (one group per key/value head): `wqkv` rows are
 [q heads of group 0, k head 0, v head 0, q heads of group 1, ...] and `w_gate_up` rows are
@@ -25,7 +28,6 @@ from scratchlm.kernels import cross_entropy_loss, rms_norm, split_qkv_rope, swig
 
 __all__ = [
     "AttentionContext",
-    "KVCache",
     "ModelConfig",
     "PackedRows",
     "Transformer",
@@ -96,8 +98,13 @@ class RMSNorm(nn.Module):
 
 class AttentionContext:
     """Where attention gets its keys and values and where each token sits: plain causal
-    attention over the batch itself. Packed rows, a KV cache and an inference engine's paged cache
-    are subclasses; the model asks only for `positions` and `attend`."""
+    attention over the batch itself.
+
+    This is the forward's extension point. The model asks only for `positions` and calls `attend`
+    once per layer with that layer's name and its new queries, keys and values, so a subclass
+    decides what each token sees: PackedRows keeps packed documents apart, the inference engine's
+    paged KV cache (infer/kv_cache.py) stores the new keys and values and attends over everything
+    cached, and evaluation's tree attention shares a prompt between continuations."""
 
     def __init__(self, positions: torch.Tensor) -> None:
         self.positions = positions
@@ -132,59 +139,9 @@ class PackedRows(AttentionContext):
         )
 
 
-class KVCache:
-    """Past keys and values for decoding, preallocated per layer as [B, kv_heads, S, head_dim]."""
-
-    def __init__(
-        self,
-        layer_names: list[str],
-        batch_size: int,
-        n_kv_heads: int,
-        max_seq_len: int,
-        head_dim: int,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
-        self.max_seq_len = max_seq_len
-        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.keys = {n: torch.zeros(shape, device=device, dtype=dtype) for n in layer_names}
-        self.values = {n: torch.zeros(shape, device=device, dtype=dtype) for n in layer_names}
-
-    def context(self, start_pos: int, length: int) -> AttentionContext:
-        """The context for `length` new tokens at positions start_pos.."""
-        return _CachedStep(self, start_pos, length)
-
-
-class _CachedStep(AttentionContext):
-    """Store this step's keys and values at start_pos, attend over everything cached so far."""
-
-    def __init__(self, cache: KVCache, start_pos: int, length: int) -> None:
-        device = next(iter(cache.keys.values())).device
-        super().__init__(torch.arange(start_pos, start_pos + length, device=device))
-        self.cache, self.start_pos = cache, start_pos
-
-    def attend(self, layer, q, k, v):  # type: ignore[override]
-        start, end = self.start_pos, self.start_pos + k.shape[2]
-        keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys[:, :, start:end] = k
-        values[:, :, start:end] = v
-        k, v = keys[:, :, :end], values[:, :, :end]
-        T = q.shape[2]
-        mask = None
-        if start > 0 and T > 1:  # a chunk after cached positions: causal with an offset
-            pos = torch.arange(end, device=q.device)
-            mask = pos[None, :] <= pos[start:, None]
-        return F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
-
-
 class Attention(nn.Module):
+    """Grouped-query attention's weights: the fused, grouped q/k/v projection and the output."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_rep = cfg.n_heads // cfg.n_kv_heads
@@ -194,30 +151,24 @@ class Attention(nn.Module):
         )
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(
-        self, x: torch.Tensor, freqs: torch.Tensor, context: AttentionContext, layer: str
-    ) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = split_qkv_rope(self.wqkv(x), freqs, self.n_rep, self.head_dim)
-        out = context.attend(layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
-
 
 class FeedForward(nn.Module):
+    """SwiGLU's weights: the fused, grouped gate/up projection and the down projection."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.groups = cfg.ffn_groups
         self.w_gate_up = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
         self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.w_gate_up(x)
-        # Under tensor parallelism this rank holds a whole number of the groups.
-        local_groups = self.groups * gate_up.shape[-1] // self.w_gate_up.out_features
-        return self.w_down(swiglu(gate_up, max(1, local_groups)))
-
 
 class TransformerBlock(nn.Module):
+    """h = x + attention(norm(x)); out = h + SwiGLU(norm(h)).
+
+    The block is one module call and computes its attention and SwiGLU itself: at batch size 1 a
+    decode step is a few hundred small ops, where each module call costs about what an op does.
+    The norms and projections stay modules, as tensor parallelism hooks them."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -225,9 +176,20 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, freqs, context: AttentionContext, layer: str):
-        h = x + self.attention(self.attention_norm(x), freqs, context, layer)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(
+        self, x: torch.Tensor, freqs: torch.Tensor, context: AttentionContext, layer: str
+    ) -> torch.Tensor:
+        attn, ffn = self.attention, self.feed_forward
+        B, T, _ = x.shape
+        qkv = attn.wqkv(self.attention_norm(x))
+        q, k, v = split_qkv_rope(qkv, freqs, attn.n_rep, attn.head_dim)
+        out = context.attend(layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        h = x + attn.wo(out.transpose(1, 2).reshape(B, T, -1))
+        w_gate_up = ffn.w_gate_up
+        gate_up = w_gate_up(self.ffn_norm(h))
+        # Under tensor parallelism this rank holds a whole number of the groups.
+        groups = max(1, ffn.groups * gate_up.shape[-1] // w_gate_up.out_features)
+        return h + ffn.w_down(swiglu(gate_up, groups))
 
 
 class Transformer(nn.Module):
@@ -273,55 +235,42 @@ class Transformer(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
-        cache: KVCache | None = None,
-        start_pos: int = 0,
-        segment_ids: torch.Tensor | None = None,
+        *,
         context: AttentionContext | None = None,
+        segment_ids: torch.Tensor | None = None,
+        outputs_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] of tokens [B, T] (or the output head's values, see `head`).
 
-        Attention is causal over the row, unless: `cache` holds earlier positions (the tokens
-        sit at start_pos..), `segment_ids` [B, T] pack several documents per row, or `context`
-        says outright where keys, values and positions come from (an inference engine's cache).
+        The one forward for training, scoring and decoding. Attention is causal over each row,
+        unless `segment_ids` [B, T] pack several documents per row or `context` says where keys,
+        values and positions come from (a KV cache: see AttentionContext). With `outputs_at`
+        (indices into the B * T positions) the final norm and head run on those positions only
+        and the result is [len(outputs_at), V].
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         T = h.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"{T} positions exceed max_seq_len={self.config.max_seq_len}")
         if context is None:
-            if cache is not None:
-                context = cache.context(start_pos, T)
-            elif segment_ids is not None:
+            if segment_ids is not None:
                 context = PackedRows(segment_ids)
             else:
                 context = AttentionContext(torch.arange(T, device=h.device))
-        last = start_pos + T if cache is not None else T
-        if last > self.config.max_seq_len:
-            raise ValueError(f"positions up to {last} exceed max_seq_len={self.config.max_seq_len}")
         positions = context.positions
         if self.rope_cos.dtype != torch.float32:  # the model was cast (e.g. to bf16) from outside
             self.init_rope()
         freqs = torch.complex(self.rope_cos[positions], self.rope_sin[positions])
         for name, layer in self.layers.items():
             h = layer(h, freqs, context, name)
+        if outputs_at is not None:
+            h = h.flatten(0, 1)[outputs_at]
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:
             return h
         out = self.output(h)
         return out.squeeze(-1) if self.config.head == "scalar" else out
-
-    def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
-        """An empty KV cache on the model's device and dtype."""
-        cfg = self.config
-        weight = next(self.parameters())
-        return KVCache(
-            list(self.layers.keys()),
-            batch_size,
-            cfg.n_kv_heads,
-            max_seq_len or cfg.max_seq_len,
-            cfg.head_dim,
-            weight.device,
-            weight.dtype,
-        )
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters counted once each. exclude_embeddings drops the input lookup table unless it

@@ -94,6 +94,10 @@ def write_report(recipe: Recipe, run_dir: Path) -> Path:
     if results_path.is_file():
         results = json.loads(results_path.read_text())
         figures = [("checkpoint", f"{results['stage']} step {results['step']}")]
+        if "settings" in results:  # the run's [eval]; other settings' results are not read
+            from scratchlm.evaluate.report import describe_settings
+
+            figures.append(("evaluation settings", describe_settings(results["settings"])))
         if "val_loss" in results:  # absent when only benchmark tasks were evaluated
             figures += [
                 ("validation loss (nats/token)", f"{results['val_loss']:.4f}"),

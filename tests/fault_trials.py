@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from scratchlm.train.checkpoint import load_checkpoint
+from scratchlm.checkpoint import load_checkpoint
 from scratchlm.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

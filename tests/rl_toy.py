@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from scratchlm.align.tasks import arithmetic_problems
+from scratchlm.checkpoint import model_tensors, save_checkpoint
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.tokenizer import Tokenizer, render_chat, train_tokenizer
-from scratchlm.train.checkpoint import model_tensors, save_checkpoint
 
 COLORS = ["red", "blue", "green", "pink", "gray"]
 THINGS = [

@@ -1,4 +1,5 @@
-"""A `scratchlm serve` subprocess on a free local port, for the server tests."""
+"""A `scratchlm serve` subprocess on a free local port, or the app in a thread, for the server
+tests."""
 
 from __future__ import annotations
 
@@ -6,10 +7,18 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
+import uvicorn
+
+from scratchlm.infer.engine import Engine
+from scratchlm.infer.runner import EngineThread
+from scratchlm.loading import load
+from scratchlm.serve.app import BODY_TIMEOUT_SECONDS, create_app
+from scratchlm.serve.server import HEADER_TIMEOUT_SECONDS, uvicorn_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,3 +61,34 @@ class Server:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(timeout=30)
+
+
+class ThreadServer:
+    """The app under uvicorn in a thread of the test process, for settings that the command line
+    does not take (short header and body timeouts)."""
+
+    def __init__(
+        self,
+        run: Path,
+        max_batch: int = 32,
+        header_timeout: float = HEADER_TIMEOUT_SECONDS,
+        body_timeout: float = BODY_TIMEOUT_SECONDS,
+    ) -> None:
+        model, tokenizer = load(run)
+        engine = Engine(model, tokenizer, max_batch=max_batch)
+        app = create_app(EngineThread(engine), tokenizer, "tiny", body_timeout=body_timeout)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn_config(app, "127.0.0.1", self.port, 1.0, header_timeout=header_timeout)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

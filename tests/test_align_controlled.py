@@ -3,6 +3,7 @@ raises the success of a rule from its SFT baseline."""
 
 import random
 
+import torch
 from align_helpers import random_words, recipe, tiny_run, write_jsonl
 
 from scratchlm.align import dpo, reward, sft
@@ -47,21 +48,29 @@ def test_reward_model_learns_a_planted_preference(tmp_path):
     assert figures["accuracy"] >= 0.95 and figures["ci95"][0] > 0.9
 
 
-def success_rate(run, stage, samples=120):
-    """Shares of sampled answers to an unseen "Pick a number" prompt that start with an even
-    digit (what the pairs prefer), and that are one character (the answer kept whole)."""
-    from scratchlm.infer.generate import generate
+def answer_shares(run, stage, prompts=60):
+    """The model's probabilities, averaged over unseen "Pick a number" prompts, that its answer
+    starts with an even digit (what the pairs prefer) and that it is one digit followed by the end
+    of the turn (the answer kept whole).
 
+    Exact probabilities rather than a rate over sampled answers: a sampled rate of one prompt moved
+    by several points between CPUs' floating-point paths and sat on its threshold."""
     model, tokenizer = load(run / stage)
-    question = [{"role": "user", "content": "Pick a number (1000)."}]
-    prompt, _ = tokenizer.encode_chat(question, add_generation_prompt=True)
-    even = whole = 0
-    for seed in range(samples):
-        ids = generate(model, prompt, 4, temperature=1.0, seed=seed, stop_ids=(tokenizer.end_id,))
-        text = tokenizer.decode(list(ids)).strip()
-        even += text[:1] in {"2", "4", "6", "8"}
-        whole += len(text) == 1
-    return even / samples, whole / samples
+    digit_tokens = [
+        t for t in range(tokenizer.vocab_size) if tokenizer.decode([t]).strip() in set("123456789")
+    ]
+    even_tokens = [t for t in digit_tokens if tokenizer.decode([t]).strip() in set("2468")]
+    even = whole = 0.0
+    with torch.no_grad():
+        for i in range(prompts):
+            question = [{"role": "user", "content": f"Pick a number ({1000 + i})."}]
+            prompt, _ = tokenizer.encode_chat(question, add_generation_prompt=True)
+            first = torch.softmax(model(torch.tensor([prompt]))[0, -1], -1)
+            even += first[even_tokens].sum().item()
+            answers = torch.tensor([[*prompt, t] for t in digit_tokens])
+            ends = torch.softmax(model(answers)[:, -1], -1)[:, tokenizer.end_id]
+            whole += (first[digit_tokens] * ends).sum().item()
+    return even / prompts, whole / prompts
 
 
 def test_dpo_raises_success_on_pairs_built_from_a_rule(tmp_path):
@@ -89,11 +98,15 @@ def test_dpo_raises_success_on_pairs_built_from_a_rule(tmp_path):
             "dpo.sft_weight=1.0",
             "dpo.warmup_steps=2", "align.max_new_tokens=4")  # fmt: skip
     sft.run(recipe(*sets), run, progress=False)
-    baseline, whole = success_rate(run, "sft")
+    baseline, whole = answer_shares(run, "sft")
     assert 0.25 < baseline < 0.7  # about 4/9 of the digits are even
     result = dpo.run(recipe(*sets), run, progress=False)
     assert result["val_accuracy"] >= 0.9
     assert whole > 0.95
-    even, whole = success_rate(run, "dpo")
-    assert even >= 0.9 > baseline + 0.3
-    assert whole >= 0.7  # without sft_weight it drifts to "4642" or nothing
+    even, whole = answer_shares(run, "dpo")
+    print(f"SFT even {baseline:.3f}; DPO even {even:.3f}, whole {whole:.3f}")
+    # Six initial models on one CPU gave 0.93-0.97 even and 0.58-0.93 whole; another CPU's
+    # floating-point path is another such draw, so the bounds sit below that spread. Without
+    # sft_weight the answers drift to "4642" or nothing: whole 0.00 from one of those starts.
+    assert even >= 0.85 > baseline + 0.3
+    assert whole >= 0.5

@@ -187,3 +187,63 @@ def test_length_rule_drops_oldest_exchanges_then_sets_aside(tmp_path):
     assert tokenizer.decode(encoded.rejected[encoded.prompt_len :]) == "<|assistant|>no<|end|>"
     with pytest.raises(BadRecord):
         fit_pair(tokenizer, pair, 30, "none")
+
+
+def test_damaged_lines_are_set_aside_and_the_rest_read(tmp_path):
+    """A record nested 100,000 levels deep (RecursionError before), a byte order mark (the first
+    record was malformed JSON), U+2028 inside a string (str.splitlines cut the record in two),
+    an unhashable ShareGPT speaker (TypeError), a non-finite or overflowing margin and a lone
+    surrogate escape (UnicodeEncodeError writing rejected.jsonl)."""
+    chat = {"messages": [{"role": "user", "content": "hi\u2028there"}, {"role": "assistant",
+            "content": "hello"}]}  # fmt: skip
+    lines = [
+        "\ufeff" + json.dumps(chat, ensure_ascii=False),
+        "[" * 100_000 + "]" * 100_000,
+        '{"messages": ' + '{"a": ' * 100_000 + "1" + "}" * 100_000 + "}",
+        json.dumps({"conversations": [{"from": ["gpt"], "value": "x"}]}),
+        json.dumps(chat, ensure_ascii=False),
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    dataset = read_chat([path])
+    assert [r["messages"][0]["content"] for r in dataset.records] == ["hi\u2028there"] * 2
+    assert [(r.source, r.reason) for r in dataset.rejects] == [
+        (f"{path}:2", "JSON nested too deeply (nested more than 100 levels)"),
+        (f"{path}:3", "JSON nested too deeply (nested more than 100 levels)"),
+        (f"{path}:4", "unknown role ['gpt']"),
+    ]
+    pairs = tmp_path / "pairs.jsonl"
+    pair = '{"prompt": "q", "chosen": "a", "rejected": "b\\ud800", "margin": MARGIN}'
+    pairs.write_text(
+        "".join(pair.replace("MARGIN", m) + "\n" for m in ["1e400", "9" * 400, "1e39", "2"])
+    )
+    dataset = read_preferences([pairs])
+    assert [r.reason for r in dataset.rejects] == [
+        "margin must be a finite number, got inf",
+        "margin must be a finite number, got " + "9" * 20,
+        "margin must be a finite number, got 1e+39",
+    ]
+    assert dataset.records[0]["rejected"][0]["content"] == "b\ufffd"
+    written = write_rejects(dataset.rejects, tmp_path / "audit")
+    assert len(written.read_text(encoding="utf-8").splitlines()) == 3
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst", ".json.gz"])
+def test_a_file_cut_short_keeps_its_records_and_says_so(tmp_path, suffix):
+    import zstandard
+
+    chats = [
+        json.dumps({"messages": [{"role": "user", "content": f"hi {i}, {i * i}"},
+                                 {"role": "assistant", "content": f"yo {i**3}"}]})
+        for i in range(2000)
+    ]  # fmt: skip
+    data = ("".join(c + "\n" for c in chats)).encode()
+    if suffix.endswith(".json.gz"):
+        data = ("[" + ",\n".join(chats) + "]").encode()
+    packed = gzip.compress(data) if suffix.endswith(".gz") else zstandard.compress(data)
+    path = tmp_path / f"chat{suffix}"
+    path.write_bytes(packed[: len(packed) * 3 // 4])
+    dataset = read_chat([path])
+    assert dataset.rejects[-1].reason.startswith("truncated or corrupt file: ")
+    if suffix != ".json.gz":  # a cut JSON array is read as lines, each a piece of the array
+        assert 0 < len(dataset.records) < 2000

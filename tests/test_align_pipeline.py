@@ -75,6 +75,12 @@ def test_pipeline_runs_align_stages_then_skips_them(cli, tmp_path):
     figures = json.loads(scored.stdout.strip().splitlines()[-1])["tasks"]["preference"]
     assert figures["scorer"] == "reward model" and figures["n"] == len(pairs)
     assert 0 <= figures["ci95"][0] <= figures["accuracy"] <= figures["ci95"][1] <= 1
+    assert figures["usable_pairs"] == len(pairs)
+    limited = cli("eval", str(run), "--tasks", "preference", "--data", str(pair_file),
+                  "--limit", "3", "--json")  # fmt: skip
+    assert limited.returncode == 0, limited.stderr
+    assert f"the first 3 of the {len(pairs)} usable pairs in {pair_file}" in limited.stdout
+    assert json.loads(limited.stdout.strip().splitlines()[-1])["tasks"]["preference"]["n"] == 3
     # ... and a policy by its implicit reward against the SFT model it started from.
     implicit = cli("eval", str(run / "dpo"), "--tasks", "preference", "--data", str(pair_file),
                    "--json")  # fmt: skip

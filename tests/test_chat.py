@@ -8,12 +8,12 @@ import pytest
 import torch
 from tiny_run import make_run
 
+from scratchlm.checkpoint import load_checkpoint, model_tensors, save_checkpoint
 from scratchlm.infer.chat import Conversation
 from scratchlm.infer.engine import Engine
 from scratchlm.infer.sampling import SamplingParams
 from scratchlm.loading import load
 from scratchlm.paths import PROJECT_ROOT
-from scratchlm.train.checkpoint import load_checkpoint, model_tensors, save_checkpoint
 
 pexpect = pytest.importorskip("pexpect")
 

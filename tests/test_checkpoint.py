@@ -1,10 +1,12 @@
+import ast
 import json
 
 import pytest
 import torch
+from conftest import ROOT
 
+from scratchlm import checkpoint as ckpt
 from scratchlm.errors import UserError
-from scratchlm.train import checkpoint as ckpt
 
 
 class Tied(torch.nn.Module):
@@ -90,3 +92,27 @@ def test_tied_weights_stored_once_and_restored(tmp_path):
     assert torch.equal(fresh.out.weight, model.embed.weight)
     with pytest.raises(UserError, match="do not fit"):
         ckpt.load_weights(fresh, {"other": torch.zeros(1)})
+
+
+def test_the_checkpoint_package_sits_below_what_reads_checkpoints():
+    """It imports none of its readers (so no cycle to hide), at module level only (type-only
+    imports aside), and no private names of other modules."""
+    readers = {"train", "align", "evaluate", "export", "infer", "serve", "loading", "cli"}
+    for path in sorted((ROOT / "scratchlm" / "checkpoint").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        allowed = [n for n in tree.body if isinstance(n, ast.ImportFrom)] + [
+            n
+            for block in tree.body
+            if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+            for n in block.body
+        ]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom):
+                    modules = [f"{node.module}.{a.name}" for a in node.names]
+                ours = [m.split(".") for m in modules if m.startswith("scratchlm.")]
+                where = f"{path.name}:{node.lineno}"
+                assert not any(parts[1] in readers for parts in ours), where
+                assert not any(parts[-1].startswith("_") for parts in ours), where
+                assert not ours or node in allowed, f"{where}: an import inside a function"

@@ -1,9 +1,13 @@
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
-from scratchlm.config import Recipe, load_recipe, parse_override, save_recipe
+from scratchlm import tokenizer
+from scratchlm.config import MIN_VOCAB_SIZE, Recipe, load_recipe, parse_override, save_recipe
 from scratchlm.errors import UserError
+from scratchlm.schema import field_range
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,3 +69,72 @@ def test_saved_recipe_round_trips(tmp_path):
     again = load_recipe(tmp_path / "recipe.toml")
     assert again == r
     assert isinstance(again, Recipe)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("pretrain.micro_batch_size=0", "pretrain.micro_batch_size = 0: expected an integer >= 1"),
+        ("pretrain.tokens_per_step=-8", "pretrain.tokens_per_step = -8: expected an integer >= 1"),
+        ("model.ffn_dim=-64", "model.ffn_dim = -64: expected an integer in [0, 262144]"),
+        ("pretrain.seed=-1", "pretrain.seed = -1: expected an integer in [0, 4294967295]"),
+        ("pretrain.lr=inf", "pretrain.lr = inf: expected a number in [0, 100]"),
+        ("pretrain.lr=nan", "pretrain.lr = nan: expected a number in [0, 100]"),
+        ("pretrain.lr=-1", "pretrain.lr = -1.0: expected a number in [0, 100]"),
+        ("pretrain.beta2=2", "pretrain.beta2 = 2.0: expected a number in [0, 1)"),
+        ("pretrain.max_steps=-1", "pretrain.max_steps = -1: expected an integer >= 1"),
+        ("sft.max_steps=0", "sft.max_steps = 0: expected an integer >= 1"),
+        ("grpo.group_size=1", "grpo.group_size = 1: expected an integer >= 2"),
+        ("reward.margin=-inf", "reward.margin = -inf: expected a finite number"),
+        ("eval.batch_size=0", "eval.batch_size = 0: expected an integer >= 1"),
+        ("tokenizer.min_frequency=0", "tokenizer.min_frequency = 0: expected an integer >= 1"),
+        ("model.vocab_size=100", "model.vocab_size = 100: expected an integer in [263, 2097152]"),
+        ("curate.fineweb.line_punct_thr=1.5", "line_punct_thr = 1.5: expected a number in [0, 1]"),
+        ("curate.gopher_repetition.dup_ngram_sizes=[5, 0]", "dup_ngram_sizes = 0: expected"),
+        ("parallel.dp_shard=0", "parallel.dp_shard = 0: expected an integer >= 1, or -1"),
+        ("model.dim=130", "model.dim = 130, model.n_heads = 4: dim must be n_heads x an even"),
+        ("model.n_kv_heads=3", "n_heads must be a multiple of n_kv_heads"),
+    ],
+)
+def test_out_of_range_values_name_the_key_and_the_range(override, message):
+    with pytest.raises(UserError) as e:
+        load_recipe(None, [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_deeply_nested_and_long_values_are_one_short_line():
+    deep = "[" * 5000 + "]" * 5000
+    with pytest.raises(UserError, match="pretrain.lr': the value is nested too deeply"):
+        load_recipe(None, [f"pretrain.lr={deep}"])
+    with pytest.raises(UserError) as e:
+        load_recipe(None, ["pretrain.lr=" + "[" * 50 + "]" * 50])
+    with pytest.raises(UserError) as long_key:
+        load_recipe(None, ["model." + "x" * 5000 + "=1"])
+    for error in (e, long_key):
+        assert len(str(error.value)) < 1000 and "\n" not in str(error.value)
+
+
+def _numeric_fields(cls: type, prefix: str = ""):
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_fields(tp, f"{prefix}{f.name}.")
+        elif (typing.get_args(tp) or (tp,))[0] in (int, float) and tp is not bool:
+            yield cls, f.name, f"{prefix}{f.name}"
+
+
+def test_every_numeric_key_has_a_range_that_holds_its_default():
+    recipe = Recipe()
+    keys = []
+    for cls, name, key in _numeric_fields(Recipe):
+        bounds = field_range(cls, name)
+        assert bounds is not None, f"{key} has no range"
+        value: object = recipe
+        for part in key.split("."):
+            value = getattr(value, part)
+        for number in value if isinstance(value, list) else [value]:
+            assert bounds.contains(number), key
+        keys.append(key)
+    assert len(keys) > 100 and "curate.minhash_bands" in keys and "ppo.kl_coef" in keys
+    assert MIN_VOCAB_SIZE == tokenizer.MIN_VOCAB_SIZE

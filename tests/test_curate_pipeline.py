@@ -195,3 +195,90 @@ def test_local_executor_needs_neither_ray_nor_fsspec(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_unreadable_entries_of_an_input_folder_are_skipped_counted_and_named(tmp_path, capsys):
+    import os
+
+    folder = tmp_path / "in"
+    (folder / "x.jsonl").mkdir(parents=True)  # a folder with a file's name: read as a folder
+    write_jsonl(folder / "x.jsonl" / "inner.jsonl", [{"id": "inner", "text": GOOD_PARAGRAPH}])
+    write_jsonl(folder / "good.jsonl", [{"id": "good", "text": GOOD_PARAGRAPH}])
+    (folder / "gone.jsonl").symlink_to(tmp_path / "deleted.jsonl")
+    (folder / "loop.jsonl").symlink_to(folder / "loop.jsonl")
+    os.mkfifo(folder / "pipe.jsonl")
+    cfg = CurateConfig(workers=1, steps=["normalize"])
+    stats = run_curate([str(folder)], tmp_path / "out", cfg, progress=False)
+    assert stats["skipped_files"] == {
+        "dangling symlink": 1,
+        "not a regular file": 1,
+        "unreadable": 1,
+    }
+    lines = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
+    assert lines == [
+        "curate: skipped 3 input entries that cannot be read (1 dangling symlink, "
+        f"1 not a regular file, 1 unreadable): {folder / 'gone.jsonl'}, {folder / 'pipe.jsonl'}, "
+        f"{folder / 'loop.jsonl'}"
+    ]
+    assert set(output(tmp_path / "out")) == {"good", "inner"}
+    assert stats["steps"][0]["docs_in"] == 2
+
+
+def test_a_named_input_that_is_not_a_regular_file_is_a_user_error(tmp_path):
+    import os
+
+    from scratchlm.curate.readers import find_shards
+
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(UserError, match=r"cannot read .*pipe.jsonl: not a regular file"):
+        find_shards([str(tmp_path / "pipe.jsonl")])
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "deleted.jsonl")
+    with pytest.raises(UserError, match="input not found"):
+        find_shards([str(tmp_path / "gone.jsonl")])
+    shards, skipped = find_shards([str(tmp_path / "*.jsonl")] + [str(C4_SAMPLE)])
+    assert skipped == {
+        "dangling symlink": [str(tmp_path / "gone.jsonl")],
+        "not a regular file": [str(tmp_path / "pipe.jsonl")],
+    }
+
+
+def test_a_file_without_read_permission_is_skipped(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file")
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": GOOD_PARAGRAPH}])
+    write_jsonl(tmp_path / "in" / "secret.jsonl", [{"text": GOOD_PARAGRAPH}]).chmod(0)
+    from scratchlm.curate.readers import find_shards
+
+    _, skipped = find_shards([str(tmp_path / "in")])
+    assert skipped == {"unreadable": [str(tmp_path / "in" / "secret.jsonl")]}
+
+
+def test_many_small_files_are_read_in_a_few_tasks(tmp_path):
+    """2,000 files of one document each: 2 groups of 1,000 files, so 2 part files and a few
+    tasks, not 2,000 of each (10,000 such files took 203 s and wrote 100,000 files)."""
+    from curate_samples import story
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2000):
+        (folder / f"doc{i:04d}.txt").write_text(f"Number {i}. " + story(i * 7919 % 2000))
+    cfg = CurateConfig(workers=2, steps=["normalize", "exact_dedup"])
+    stats = run_curate([str(folder)], tmp_path / "out", cfg, progress=False)
+    assert stats["shards"] == 2 and stats["output"]["files"] == 2
+    assert stats["execution"]["tasks"] < 10
+    assert len(list((tmp_path / "out").glob("part-*.jsonl.zst"))) == 2
+    assert len(list((tmp_path / "out" / ".work").rglob("*"))) < 30
+    kept = output(tmp_path / "out")
+    assert len(kept) == 2000 and str(folder / "doc1999.txt") in kept  # ids: the file paths
+    assert stats["inputs"] == [str(p) for p in sorted(folder.iterdir())]
+    # A group is a task to resume: one that never finished is redone, the other kept.
+    work = tmp_path / "out" / ".work"
+    (work / "p1" / "part-00001.stats.json").unlink()
+    (work / "p3" / "part-00001.stats.json").unlink()
+    untouched = (work / "p1" / "part-00000.jsonl.zst").stat().st_mtime_ns
+    again = run_curate([str(folder)], tmp_path / "out", cfg, progress=False)
+    assert (work / "p1" / "part-00000.jsonl.zst").stat().st_mtime_ns == untouched
+    assert output(tmp_path / "out") == kept and again["output"] == stats["output"]

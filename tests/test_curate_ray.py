@@ -341,3 +341,22 @@ def test_a_full_disk_in_a_ray_task_is_one_line(ray_instance, tmp_path):
     except Unavailable as e:
         print(f"skipped: {e}")
         pytest.skip(str(e))
+
+
+def test_small_files_grouped_into_tasks_on_ray_match_local(ray_instance, tmp_path):
+    """300 small files are 4 groups (shard_bytes 40,000): 4 tasks per pass on Ray, with the
+    output of the local executor; a restarted run keeps the groups it had finished."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(300):
+        (folder / f"{i:03d}.txt").write_text(GOOD.replace("NUM", f"{i} " * (i % 7)))
+    stats = curate([folder], tmp_path / "ray", "ray")
+    assert stats["shards"] == 4 and stats["output"]["files"] == 4
+    curate([folder], tmp_path / "local", "local")
+    assert everything(tmp_path / "ray") == everything(tmp_path / "local")
+    p1 = tmp_path / "ray" / ".work" / "p1"
+    (p1 / "part-00002.stats.json").unlink()
+    kept = (p1 / "part-00001.jsonl.zst").stat().st_mtime_ns
+    curate([folder], tmp_path / "ray", "ray")
+    assert (p1 / "part-00001.jsonl.zst").stat().st_mtime_ns == kept
+    assert everything(tmp_path / "ray") == everything(tmp_path / "local")

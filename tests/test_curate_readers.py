@@ -1,5 +1,6 @@
 import gzip
 import io
+import json
 import re
 
 import pytest
@@ -127,7 +128,7 @@ def test_html_folder_is_one_shard(tmp_path):
     (tmp_path / "pages" / "notes.pdf").write_bytes(b"%PDF")
     shards, skipped = find_shards([str(tmp_path / "pages")])
     assert [s.fmt for s in shards] == ["html"] and len(shards[0].paths) == 3
-    assert skipped == {"unknown format": 1}
+    assert skipped == {"unknown format": [str(tmp_path / "pages" / "notes.pdf")]}
 
 
 def test_binary_file_is_set_aside(tmp_path):
@@ -168,3 +169,141 @@ def test_missing_path_unknown_format_and_empty_glob_are_user_errors(tmp_path):
         find_shards([str(tmp_path / "a.docx")])
     with pytest.raises(UserError, match="matches no files"):
         find_shards([str(tmp_path / "*.jsonl")])
+
+
+DEEP_LINES = [
+    "[" * 100_000 + "]" * 100_000,
+    '{"text": ' + '{"a": ' * 100_000 + "1" + "}" * 100_000 + "}",
+    '{"text": "fine", "meta": {"a": ' + "[" * 150 + "]" * 150 + "}}",
+]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+def test_deeply_nested_json_is_set_aside_and_the_rest_read(tmp_path, suffix):
+    lines = ['{"text": "before"}', *DEEP_LINES, '{"text": "after"}']
+    p = write_jsonl(tmp_path / f"d{suffix}", lines, suffix.rsplit(".", 1)[1].replace("jsonl", ""))
+    docs = read_all(p)
+    assert [d.get("reason") for d in docs] == [None, *["json nested too deeply"] * 3, None]
+    assert [docs[0]["text"], docs[-1]["text"]] == ["before", "after"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+def test_a_record_too_long_is_set_aside_unread(tmp_path, suffix):
+    cfg = CurateConfig(max_doc_chars=1000)  # records over 6,000 bytes are refused
+    long_record = json.dumps({"text": "x" * 7000})
+    escaped = json.dumps({"text": "é" * 900})  # 5,400 bytes of \u00e9 escapes: not too long
+    p = write_jsonl(
+        tmp_path / f"d{suffix}",
+        ['{"text": "a"}', long_record, escaped, '{"text": "b"}'],
+        suffix.rsplit(".", 1)[1].replace("jsonl", ""),
+    )
+    docs = read_all(p, cfg)
+    assert [d.get("reason") for d in docs] == [None, "record too long", None, None]
+    assert docs[1]["score"] == len(long_record) + 1 and docs[1]["text"] == ""
+    assert [d["text"] for d in docs if "reason" not in d] == ["a", "é" * 900, "b"]
+
+
+def test_a_range_that_starts_inside_a_long_line(tmp_path):
+    p = write_jsonl(
+        tmp_path / "d.jsonl", ['{"text": "a"}', json.dumps({"text": "x" * 50_000}), '{"text": "b"}']
+    )
+    shards, _ = find_shards([str(p)], shard_bytes=1000)
+    docs = [d for s in shards for d in read_shard(s, CurateConfig(max_doc_chars=1000))]
+    assert [d.get("reason") for d in docs] == [None, "record too long", None]
+
+
+def test_byte_order_marks_and_crlf_line_ends(tmp_path):
+    for name, data in [
+        ("bom.jsonl", b'\xef\xbb\xbf{"text": "first"}\r\n{"text": "second"}\r\n'),
+        ("bom.jsonl.gz", gzip.compress(b'\xef\xbb\xbf{"text": "first"}\r\n{"text": "second"}')),
+    ]:
+        (tmp_path / name).write_bytes(data)
+        docs = read_all(tmp_path / name)
+        assert [(d["text"], d.get("reason")) for d in docs] == [("first", None), ("second", None)]
+
+
+def test_zstd_frames_skippable_frames_and_a_cut_checksum(tmp_path):
+    import struct
+
+    import zstandard
+
+    frames = zstandard.ZstdCompressor(write_checksum=True).compress(b'{"text": "one"}\n')
+    frames += struct.pack("<II", 0x184D2A5E, 3) + b"abc"  # a skippable frame
+    frames += zstandard.ZstdCompressor(write_content_size=False).compress(b'{"text": "two"}\n')
+    (tmp_path / "ok.jsonl.zst").write_bytes(frames)
+    assert [d["text"] for d in read_all(tmp_path / "ok.jsonl.zst")] == ["one", "two"]
+    whole = zstandard.ZstdCompressor(write_checksum=True).compress(b'{"text": "one"}\n')
+    (tmp_path / "cut.jsonl.zst").write_bytes(whole[:-2])  # only the checksum is cut
+    docs = read_all(tmp_path / "cut.jsonl.zst")
+    assert docs[-1]["reason"] == "truncated or corrupt input"
+
+
+MEMORY_PROBE = """
+import gzip, resource, sys
+import zstandard
+from scratchlm.curate.config import CurateConfig
+from scratchlm.curate.readers import find_shards, read_shard
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def write(path, megabytes):
+    raw = open(path, "wb")
+    if path.endswith(".gz"):
+        out = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1)
+    else:
+        out = zstandard.ZstdCompressor(level=1).stream_writer(raw)
+    out.write(b'{"text": "')
+    for _ in range(megabytes):
+        out.write(b"a" * 2**20)
+    out.write(b'"}\\n{"text": "after"}\\n')
+    out.close()
+    raw.close()
+
+def reasons(path):
+    shards, _ = find_shards([path])
+    return [d.get("reason") for s in shards for d in read_shard(s, CurateConfig())]
+
+small, big = sys.argv[1:3]
+write(small, 1)
+write(big, 200)
+reasons(small)
+before = peak_mb()
+print(reasons(big), round(peak_mb() - before))
+"""
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
+def test_memory_does_not_grow_with_a_line_length(tmp_path, suffix):
+    """One 200 MB line in a small compressed file is refused while it is read: the reader's
+    peak memory grows by far less than the line (it grew by about 450 MB before)."""
+    import subprocess
+    import sys
+
+    small, big = tmp_path / f"small{suffix}", tmp_path / f"big{suffix}"
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(small), str(big)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    reasons, grew_mb = result.stdout.rsplit(" ", 1)
+    assert reasons == "['record too long', None]"
+    assert big.stat().st_size < 1_000_000
+    assert int(grew_mb) < 100
+
+
+@pytest.mark.parametrize("gzipped", [True, False])
+def test_a_warc_body_or_html_file_too_long_is_set_aside_unread(tmp_path, gzipped):
+    cfg = CurateConfig(max_doc_chars=1000)  # bodies over 6,000 bytes are refused
+    huge = html_page("word " * 40_000).encode()
+    pages = [(f"http://a/{i}", body, "text/html") for i, body in enumerate([b"<p>a</p>", huge])]
+    p = write_warc(tmp_path / ("a.warc.gz" if gzipped else "a.warc"), [*pages, pages[0]], gzipped)
+    docs = read_all(p, cfg)
+    assert [d.get("reason") for d in docs] == [None, "record too long", None]
+    assert len(huge) < docs[1]["score"] < len(huge) + 200  # the WARC length: HTTP headers too
+    (tmp_path / "pages").mkdir()
+    (tmp_path / "pages" / "big.html").write_bytes(huge)
+    (tmp_path / "pages" / "small.html").write_bytes(b"<p>a</p>")
+    assert [d.get("reason") for d in read_all(tmp_path / "pages", cfg)] == ["record too long", None]

@@ -41,9 +41,11 @@ def test_tasks_on_a_run_write_results_and_end_with_json(run, capsys):
     assert arc["n"] == 6 and 0 <= arc["acc"] <= 1 and arc["acc_stderr"] >= 0
     assert arc["chance"] == pytest.approx(0.25, abs=0.01) and summary["tasks"]["copa"]["n"] == 6
     assert "arc_easy" in out and "acc_norm" in out  # the printed table
-    results = json.loads((run / "eval/results.json").read_text())
-    assert results == json.loads((run / "eval/pretrain-step-000002.json").read_text())
+    # --limit 6 is not the run's [eval] limit (200): its own file, not the pipeline's results
+    results = json.loads((run / "eval/pretrain-step-000002.limit-6.json").read_text())
+    assert results["settings_key"] == "limit-6" and results["settings"]["limit"] == 6
     assert results["tasks"]["copa"]["acc"] == summary["tasks"]["copa"]["acc"]
+    assert "eval: -> " in out and "limit-6; not in the report" in out
 
 
 def test_the_stage_keeps_validation_and_samples_and_later_tasks_merge(run, capsys):
@@ -54,7 +56,7 @@ def test_the_stage_keeps_validation_and_samples_and_later_tasks_merge(run, capsy
     results = json.loads((run / "eval/results.json").read_text())
     assert results["val_bpb"] > 0 and results["samples"]
     assert results["tasks"]["piqa"]["n"] == 4
-    code, _, err = eval_cli(capsys, str(run), "--tasks", "lambada", "--limit", "3")
+    code, _, err = eval_cli(capsys, str(run), "--tasks", "lambada", "--limit", "4")
     assert code == 0, err
     merged = json.loads((run / "eval/results.json").read_text())
     assert merged["val_bpb"] == results["val_bpb"] and merged["samples"] == results["samples"]
@@ -94,7 +96,8 @@ def test_harness_through_the_cli_gives_the_in_house_numbers(run, capsys):
     assert code == 0, err
     theirs = json.loads(out.strip().splitlines()[-1])["tasks"]["boolq"]
     assert theirs["n"] == 5 and theirs["acc"] == pytest.approx(ours["acc"])
-    assert json.loads((run / "eval/results.json").read_text())["harness"]["boolq"]["n"] == 5
+    saved = json.loads((run / "eval/pretrain-step-000002.limit-5.json").read_text())
+    assert saved["harness"]["boolq"]["n"] == 5
 
 
 def test_run_tasks_for_the_training_loop(run):
@@ -116,14 +119,36 @@ def test_pretraining_scores_its_eval_tasks_into_the_metrics(run, tmp_path):
         pretrain(recipe, run, progress=False)
 
 
+def test_an_evaluation_with_other_settings_leaves_the_pipelines_scores(run, capsys):
+    stage = ["--run-dir", str(run), "--set", "eval.tasks=['copa']", "--set", "eval.limit=8"]
+    assert eval_cli(capsys, *stage)[0] == 0
+    pipeline_file = run / "eval/pretrain-step-000002.json"
+    before = {p: p.read_bytes() for p in (pipeline_file, run / "eval/results.json")}
+    assert json.loads(pipeline_file.read_bytes())["tasks"]["copa"]["n"] == 8
+    for extra in (["--limit", "3"], ["--limit", "3", "--shots", "0"], ["--chat"]):
+        code, _, err = eval_cli(capsys, str(run), "--tasks", "copa", *extra)
+        assert code == 0, err
+    assert {p: p.read_bytes() for p in before} == before
+    keyed = json.loads((run / "eval/pretrain-step-000002.limit-3.shots-0.json").read_text())
+    assert keyed["tasks"]["copa"]["n"] == 3 and keyed["settings"]["shots"] == 0
+    assert (run / "eval/pretrain-step-000002.chat-on.json").is_file()
+    # the same settings as the run's [eval] merge into its file
+    assert eval_cli(capsys, str(run), "--tasks", "arc_easy", "--limit", "8")[0] == 0
+    assert set(json.loads(pipeline_file.read_bytes())["tasks"]) == {"copa", "arc_easy"}
+
+
 def test_report_shows_task_tables_and_in_loop_scores(run, capsys):
-    code, _, err = eval_cli(capsys, str(run), "--tasks", "arc_easy", "--limit", "3")
+    stage = ["--run-dir", str(run), "--set", "eval.tasks=['arc_easy']", "--set", "eval.limit=3"]
+    code, _, err = eval_cli(capsys, *stage)
     assert code == 0, err
+    assert eval_cli(capsys, str(run), "--tasks", "arc_easy", "--limit", "2")[0] == 0
     with open(run / "metrics.jsonl", "a") as f:
         for step, score in [(1, 0.25), (2, 0.5)]:
             f.write(json.dumps({"stage": "pretrain", "step": step, "eval/hellaswag/acc": score}))
             f.write("\n")
     report = write_report(load_recipe(None, TINY), run).read_text()
-    assert "Benchmarks" in report and "pretrain step 2 (scratchlm)" in report
+    assert "Benchmarks" in report and "pretrain step 2 (scratchlm; limit 3, shots task" in report
     assert "<td>arc_easy</td><td>acc_norm</td>" in report
+    assert "<td>2</td>" not in report  # the --limit 2 evaluation is not the pipeline's
+    assert "<tr><th>evaluation settings</th><td>limit 3, shots task defaults, data_dir " in report
     assert "task scores over steps" in report

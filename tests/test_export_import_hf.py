@@ -183,3 +183,47 @@ def test_pretraining_continues_from_an_imported_llama(tmp_path, cli):
     imported, _ = load(run / "imported")
     assert trained.config == imported.config
     assert not torch.equal(trained.output.weight, imported.output.weight)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, "has no hidden_size"),
+        (lambda c: c | {"num_attention_heads": 0}, "num_attention_heads = 0: expected an integer"),
+        (lambda c: c | {"vocab_size": "2048"}, 'vocab_size = "2048": expected an integer'),
+        (lambda c: [c], "config.json holds a list, not an object"),
+        (lambda c: c | {"vocab_size": 1e12}, "vocab_size = 1000000000000.0: expected an integer"),
+        (lambda c: c | {"vocab_size": 10**12}, "vocab_size = 1000000000000: expected an integer"),
+        (lambda c: c | {"num_hidden_layers": 1}, "the weights have 2 layers, config.json num_hid"),
+        (lambda c: c | {"num_hidden_layers": 4}, "the weights have 2 layers, config.json num_hid"),
+        (lambda c: c | {"intermediate_size": 128}, "gate_proj.weight has shape [160, 64], config"),
+        (lambda c: c | {"num_key_value_heads": 3}, "must be a multiple of num_key_value_heads 3"),
+        (lambda c: c | {"hidden_size": 66}, "hidden_size 66 must be num_attention_heads 4 x an"),
+        (lambda c: c | {"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or f"),
+        (lambda c: c | {"rms_norm_eps": -1}, "rms_norm_eps = -1: expected a positive number"),
+        (lambda c: c | {"bos_token_id": "1"}, 'bos_token_id = "1": expected an id'),
+    ],
+)
+def test_a_hostile_config_is_one_line_and_writes_nothing(tmp_path, capsys, change, message):
+    from scratchlm.cli import main
+
+    random_llama(tmp_path / "hf", tie=False)
+    hf, run = tmp_path / "hf", tmp_path / "run"
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(change(config)))
+    capsys.readouterr()  # transformers' progress bars
+    assert main(["import-hf", str(hf), "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not run.exists()
+
+
+def test_an_index_naming_a_file_outside_the_folder_is_refused(tmp_path):
+    random_llama(tmp_path / "hf", tie=True)
+    hf = tmp_path / "hf"
+    (hf / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    index = {"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="elsewhere.safetensors is missing"):
+        import_hf(hf, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

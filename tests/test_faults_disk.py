@@ -9,11 +9,11 @@ import torch
 from fault_inject import WriteBudget, install
 from safetensors.torch import load_file
 
+from scratchlm import checkpoint as ckpt
 from scratchlm import disk
 from scratchlm.config import ParallelConfig, TrainConfig, load_recipe, save_recipe
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.pipeline import StageLog
-from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.loop import Session
 from scratchlm.train.metrics import MetricsLog, drop_rows, read_metrics
 
@@ -57,7 +57,7 @@ def test_checkpoint_write_meets_a_full_disk(tmp_path, monkeypatch, trial):
     message = str(caught.value)
     assert message.startswith(f"disk full writing checkpoint step-000004 to {stage_dir}: needs ")
     assert " free; free some space, then continue with --resume" in message
-    assert caught.value.needed >= ckpt.disk.tree_bytes(stage_dir / "step-000002")
+    assert caught.value.needed >= disk.tree_bytes(stage_dir / "step-000002")
     assert sorted(p.name for p in stage_dir.iterdir()) == ["latest", "step-000002"]
     assert (stage_dir / "latest").resolve().name == "step-000002"
     assert {p.name: p.read_bytes() for p in (stage_dir / "step-000002").iterdir()} == before
@@ -65,8 +65,8 @@ def test_checkpoint_write_meets_a_full_disk(tmp_path, monkeypatch, trial):
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_sharded_checkpoint_write_meets_a_full_disk(tmp_path, monkeypatch):
+    from scratchlm.checkpoint.sharded import save_sharded
     from scratchlm.parallel import DistInfo
-    from scratchlm.train.distributed_checkpoint import save_sharded
 
     stage_dir = tmp_path / "pretrain"
     model = Transformer(CFG)

@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import ROOT, run_cli
 
+from scratchlm import checkpoint as ckpt
 from scratchlm import runlock
 from scratchlm.config import ParallelConfig, TrainConfig
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.tokenizer import train_tokenizer
-from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.loop import Session
 
 HOLD = """
@@ -147,6 +147,7 @@ def test_a_read_only_run_folder_or_output_is_one_line_before_any_work(trained_ru
     run = tmp_path / "run"
     run.mkdir()
     (run / "tokenizer.json").write_bytes((trained_run / "tokenizer.json").read_bytes())
+    (run / "curated").mkdir()  # what tokenize reads: it checks its inputs before the folder
     out = tmp_path / "out"
     out.mkdir()
     undo_run, undo_out = _read_only(run), _read_only(out)
@@ -169,4 +170,4 @@ def test_a_read_only_run_folder_or_output_is_one_line_before_any_work(trained_ru
     finally:
         undo_run()
         undo_out()
-    assert sorted(p.name for p in run.iterdir()) == ["tokenizer.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["curated", "tokenizer.json"]

@@ -7,9 +7,9 @@ import torch
 from fault_trials import make_corpus, reference
 from tmpfs_trials import Unavailable, tmpfs, tmpfs_trials
 
+from scratchlm import checkpoint as ckpt
 from scratchlm import disk
 from scratchlm.model import ModelConfig, Transformer
-from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.metrics import MetricsLog
 
 CFG = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=16)
@@ -64,8 +64,8 @@ def test_native_and_python_writers_meet_the_real_enospc(small_disk):
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_sharded_checkpoint_meets_the_real_enospc(small_disk):
+    from scratchlm.checkpoint.sharded import save_sharded
     from scratchlm.parallel import DistInfo
-    from scratchlm.train.distributed_checkpoint import save_sharded
 
     model = Transformer(CFG)
     optimizer = torch.optim.AdamW(model.parameters())

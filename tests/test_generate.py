@@ -3,6 +3,7 @@ import torch
 
 from scratchlm.errors import UserError
 from scratchlm.infer.generate import generate, sample_next, top_k_filter, top_p_filter
+from scratchlm.infer.sampling import SamplingParams, sample_rows
 from scratchlm.model import ModelConfig, Transformer
 
 NEG = float("-inf")
@@ -86,3 +87,23 @@ def test_generation_does_not_leave_inference_mode_on(model):
     stream = generate(model, [1, 2], 3, temperature=0)
     next(stream)
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-40, 1e-300, 5e-324, -0.0])
+def test_tiny_temperatures_are_greedy_not_nan(temperature):
+    logits = torch.tensor([0.5, 3.0, 2.9, -1.0])
+    assert sample_next(logits, temperature, generator=torch.Generator().manual_seed(0)) == 1
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 5e-324, 1e-46])
+def test_a_top_p_that_is_zero_in_float32_keeps_the_top_token(top_p):
+    logits = torch.tensor([0.5, 3.0, 2.9, -1.0])
+    assert torch.isinf(top_p_filter(logits, top_p)).tolist() == [True, False, True, True]
+    assert sample_next(logits, 1.0, top_p=top_p, generator=torch.Generator()) == 1
+
+
+def test_a_row_that_cannot_be_sampled_gets_none_and_the_others_their_tokens():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [float("nan"), 1.0, 0.0], [5.0, 0.0, 0.0]])
+    params = [SamplingParams(temperature=1.0, top_k=1)] * 3
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    assert sample_rows(logits, params, generators) == [1, None, 0]

@@ -17,10 +17,10 @@ from scratchlm.align.tasks import (
     extract_answer,
     load_reward_fn,
 )
+from scratchlm.checkpoint import load_checkpoint
 from scratchlm.cli import main
 from scratchlm.config import load_recipe
 from scratchlm.errors import UserError
-from scratchlm.train.checkpoint import load_checkpoint
 from scratchlm.train.metrics import read_metrics
 
 

@@ -5,6 +5,7 @@ import torch
 from tiny_run import make_run
 
 from scratchlm.errors import UserError
+from scratchlm.infer import sampling
 from scratchlm.infer.engine import Engine
 from scratchlm.infer.generate import generate
 from scratchlm.infer.sampling import SamplingParams
@@ -209,37 +210,20 @@ def test_scalar_heads_are_refused():
         Engine(Transformer(cfg))
 
 
-def test_the_fast_inference_pass_computes_the_model(model, prompts):
-    from scratchlm.infer.fast_forward import InferenceForward
-    from scratchlm.model import PackedRows
+def test_the_engine_runs_the_models_own_forward():
+    """No second copy of the forward to fall out of step: a model whose forward changes
+    generates what the changed forward says."""
 
-    fast = InferenceForward.for_model(model)
-    assert fast is not None
-    tokens = torch.randint(0, VOCAB, (3, 40))
-    segments = torch.cat([torch.zeros(3, 15), torch.ones(3, 25)], 1).long()
-    with torch.no_grad():
-        expected = model(tokens, segment_ids=segments)
-        got = fast(tokens, PackedRows(segments))
-    assert (got - expected).abs().max() < 1e-5
-    engine = Engine(model, max_step_tokens=64)
-    engine.fast_forward = None  # the model's own forward
-    params = SamplingParams(max_tokens=12, temperature=0)
-    slow = engine.generate_batch(prompts[:8], params)
-    quick = Engine(model, max_step_tokens=64).generate_batch(prompts[:8], params)
-    assert [r.token_ids for r in slow] == [r.token_ids for r in quick]
+    class FavoursSeven(Transformer):
+        def forward(self, tokens, **kwargs):
+            logits = super().forward(tokens, **kwargs)
+            return logits + 100.0 * (torch.arange(logits.shape[-1]) == 7)
 
-
-def test_the_fast_pass_stands_aside_for_models_it_does_not_know():
-    from scratchlm.infer.fast_forward import InferenceForward
-
-    class Changed(Transformer):
-        def forward(self, tokens, *args, **kwargs):
-            return super().forward(tokens, *args, **kwargs) * 2
-
+    torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1)
-    assert InferenceForward.for_model(Changed(cfg)) is None
-    scalar = ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head="scalar")
-    assert InferenceForward.for_model(Transformer(scalar)) is None
+    model = FavoursSeven(cfg).eval()
+    outs = Engine(model).generate_batch([[1, 2, 3], [4]], SamplingParams(max_tokens=5))
+    assert [r.token_ids for r in outs] == [[7] * 5, [7] * 5]
 
 
 def test_a_bf16_model_runs_on_the_engine():
@@ -266,3 +250,41 @@ def test_scattered_blocks_give_what_consecutive_ones_give(model, prompts):
             assert late.first_slot is None
     assert late.token_ids == list(generate(model, prompts[4], 40, temperature=0))
     assert first.token_ids == list(generate(model, prompts[0], 30, temperature=0))
+
+
+def test_tiny_temperature_and_top_p_sample_beside_others(model, prompts):
+    """1e-39 overflows float32 logits / temperature and 1e-300 is 0 in float32: both once made the
+    whole step fail."""
+    engine = Engine(model, max_batch=8)
+    settings = [
+        SamplingParams(max_tokens=6, temperature=1e-39),
+        SamplingParams(max_tokens=6, temperature=1e-300),
+        SamplingParams(max_tokens=6, temperature=1.0, top_p=1e-300, seed=1),
+        SamplingParams(max_tokens=6, temperature=1.0, seed=2),
+    ]
+    outs = engine.generate_batch([prompts[0]] * 4, settings)
+    assert [r.finish_reason for r in outs] == ["length"] * 4
+    greedy = full_forward_greedy(model, prompts[0], 6)
+    assert outs[0].token_ids == greedy and outs[1].token_ids == greedy
+    assert outs[2].token_ids == greedy  # top_p that small keeps only the most likely token
+
+
+def test_a_request_whose_sampling_fails_ends_alone(model, prompts, monkeypatch):
+    """A draw that raises (NaN logits, say) ends that request with "error"; the rest finish."""
+    engine = Engine(model, max_batch=4)
+    doomed = torch.Generator().manual_seed(99)
+    real = sampling.sample_next
+
+    def failing(logits, temperature, top_k=0, top_p=1.0, generator=None):
+        if generator is doomed:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, temperature, top_k, top_p, generator)
+
+    monkeypatch.setattr(sampling, "sample_next", failing)
+    requests = [engine.add(p, SamplingParams(max_tokens=8, seed=1)) for p in prompts[:3]]
+    requests[1].generator = doomed
+    while engine.has_work():
+        engine.step()
+    assert [r.finish_reason for r in requests] == ["length", "error", "length"]
+    assert [len(r.token_ids) for r in requests] == [8, 0, 8]
+    assert engine.cache.free_blocks == engine.cache.num_blocks

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+from scratchlm.checkpoint import load_checkpoint
 from scratchlm.config import ParallelConfig, TrainConfig
 from scratchlm.model import ModelConfig, Transformer, cross_entropy_loss
-from scratchlm.train.checkpoint import load_checkpoint
 from scratchlm.train.loop import Session, TrainingInterrupted, cut_batch
 from scratchlm.train.metrics import read_metrics
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from scratchlm import kernels
 from scratchlm.errors import UserError
+from scratchlm.infer.kv_cache import PagedKVCache, PagedStep, plan_step
 from scratchlm.kernels import rms_norm, split_qkv_rope, swiglu
 from scratchlm.model import ModelConfig, Transformer, cross_entropy_loss
 
@@ -92,15 +93,103 @@ def test_causality():
 
 
 def test_cached_decoding_equals_full_forward():
+    """The one forward with the paged KV cache as its attention context: a prompt in two chunks,
+    then one token at a time, gives the logits of a full forward."""
     torch.manual_seed(0)
     model = Transformer(tiny())
+    cfg = model.config
     tokens = torch.randint(0, 97, (2, 20))
+    cache = PagedKVCache(
+        list(model.layers.keys()),
+        10,
+        4,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        torch.device("cpu"),
+        torch.float32,
+    )
+    # Blocks handed out in turns, so neither row's slots are consecutive.
+    blocks: list[list[int]] = [[], []]
+    for _ in range(5):
+        for row in blocks:
+            row += cache.allocate(1)
+    slots = [cache.slot_table(row, 20) for row in blocks]
+
+    def step(start: int, end: int) -> torch.Tensor:
+        """Logits [2, end - start, V] of both rows' tokens start..end, as one engine step."""
+        if end - start == 1:
+            plan = plan_step([s[:end] for s in slots], [])
+        else:
+            plan = plan_step([], [(s[:end], start) for s in slots])
+        positions = torch.arange(start, end).repeat(2).view(-1, 1)
+        context = PagedStep(cache, plan, positions)
+        logits = model(tokens[:, start:end].reshape(-1, 1), context=context)
+        return logits.view(2, end - start, -1)
+
     with torch.no_grad():
         full = model(tokens)
-        cache = model.new_cache(batch_size=2)
-        parts = [model(tokens[:, :7], cache, 0), model(tokens[:, 7:12], cache, 7)]
-        parts += [model(tokens[:, t : t + 1], cache, t) for t in range(12, 20)]
+        parts = [step(0, 7), step(7, 12)] + [step(t, t + 1) for t in range(12, 20)]
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
+def test_outputs_at_runs_the_head_on_those_positions_only():
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    tokens = torch.randint(0, 97, (3, 10))
+    at = torch.tensor([0, 9, 10, 29, 17])  # flat indices into the 3 * 10 positions
+    with torch.no_grad():
+        full = model(tokens)
+        assert torch.allclose(model(tokens, outputs_at=at), full.flatten(0, 1)[at], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_without_a_gradient_give_the_custom_ops_values(dtype):
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 5, 32, dtype=dtype), torch.randn(32, dtype=dtype)
+    qkv, gate_up = torch.randn(3, 5, 2 * 4 * 8, dtype=dtype), torch.randn(3, 5, 48, dtype=dtype)
+    angles = torch.rand(5, 4) * 6
+    freqs = torch.complex(angles.cos(), angles.sin())
+    with torch.no_grad():
+        plain = [rms_norm(x, w, 1e-5), *split_qkv_rope(qkv, freqs, 2, 8), swiglu(gate_up, 2)]
+    with torch.enable_grad():
+        args = [t.clone().requires_grad_() for t in (x, qkv, gate_up)]
+        custom = [
+            rms_norm(args[0], w, 1e-5),
+            *split_qkv_rope(args[1], freqs, 2, 8),
+            swiglu(args[2], 2),
+        ]
+    assert custom[0].grad_fn is not None  # the custom ops ran
+    exact = {"rms_norm": False, "q": True, "k": True, "v": True, "swiglu": True}
+    for name, got, want in zip(exact, plain, custom, strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        if exact[name]:
+            assert torch.equal(got, want.detach()), name
+        else:  # statistics reduced in another order
+            torch.testing.assert_close(
+                got, want.detach(), rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6
+            )
+
+
+def test_a_forward_without_gradients_runs_no_custom_op(monkeypatch):
+    """Inference (the engine, scoring) runs the kernels as plain ops: a custom op's dispatch
+    costs more than a decode step's arithmetic."""
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    tokens = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        expected = model(tokens)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a custom op ran")
+
+    for op in ("_rms_norm", "_split_qkv_rope", "_swiglu"):
+        monkeypatch.setattr(kernels, op, refused)
+    with torch.inference_mode():
+        assert torch.equal(model(tokens), expected)
+    with torch.no_grad():
+        assert torch.equal(model(tokens), expected)
+    with pytest.raises(AssertionError, match="a custom op ran"):
+        model(tokens)  # parameters require grad: the training path
 
 
 def test_rope_is_the_closed_form_rotation():

@@ -15,10 +15,10 @@ from test_parallel import (
 from test_pretrain import _fresh_copy, make_corpus_run
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from scratchlm.checkpoint import is_sharded
 from scratchlm.config import PretrainConfig, load_recipe
 from scratchlm.errors import UserError
 from scratchlm.model import ModelConfig, Transformer, cross_entropy_loss
-from scratchlm.train.distributed_checkpoint import is_sharded
 from scratchlm.train.metrics import read_metrics
 from scratchlm.train.optim import (
     MuonAdamW,

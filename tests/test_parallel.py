@@ -19,11 +19,10 @@ from safetensors.torch import load_file
 from test_pretrain import TINY, _fresh_copy, _losses, make_corpus_run
 
 from scratchlm import load
+from scratchlm.checkpoint import is_sharded, list_checkpoints, resolve_checkpoint
 from scratchlm.config import load_recipe
 from scratchlm.export.hf import export_run
 from scratchlm.parallel.pipeline import stage_layers
-from scratchlm.train.checkpoint import list_checkpoints, resolve_checkpoint
-from scratchlm.train.distributed_checkpoint import is_sharded
 from scratchlm.train.metrics import read_metrics
 from scratchlm.train.pretrain import pretrain
 

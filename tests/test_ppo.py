@@ -12,10 +12,10 @@ from conftest import ROOT, run_cli
 from rl_toy import color_chats, fine_tune, make_tokenizer, save_model, train_reward_model
 
 from scratchlm.align import ppo
+from scratchlm.checkpoint import load_checkpoint
 from scratchlm.cli import main
 from scratchlm.config import load_recipe
 from scratchlm.errors import UserError
-from scratchlm.train.checkpoint import load_checkpoint
 from scratchlm.train.metrics import read_metrics
 
 
@@ -58,7 +58,14 @@ def settings(run_dir, *more):
 
 def test_ppo_against_a_rule_raises_success_to_090_within_a_kl_bound(color_run, tmp_path):
     run_dir = fresh(color_run, tmp_path)
-    recipe = load_recipe(None, settings(run_dir, "ppo.reward_fn='rl_toy:likes_blue'"))
+    # The adaptive KL coefficient holds the drift near 2 nats: with a fixed 0.2 one CPU ended at
+    # 1.73 nats and another at 4.14, over the bound below, for the same success.
+    recipe = load_recipe(
+        None,
+        settings(
+            run_dir, "ppo.reward_fn='rl_toy:likes_blue'", "ppo.kl_target=2.0", "ppo.kl_horizon=320"
+        ),
+    )
     recipe.ppo.max_steps = 40
     result = ppo.run(recipe, run_dir, progress=False)
     start = next(r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] == 0)

@@ -165,33 +165,71 @@ def test_chat_page_in_headless_chromium(server, client, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     options = Options()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,800"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,800"):
         options.add_argument(flag)
     options.binary_location = shutil.which("chromium")
     driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+
+    def say(text: str, max_tokens: int) -> None:
+        done = len(driver.find_elements(By.CSS_SELECTOR, ".msg.assistant.done, .msg.error.done"))
+        driver.execute_script(f"document.getElementById('max-tokens').value = '{max_tokens}';")
+        box = driver.find_element(By.ID, "input")
+        box.send_keys(text)
+        box.send_keys(Keys.ENTER)
+        WebDriverWait(driver, 60).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.done")) > done
+        )
+
     try:
         driver.get(server.url + "/")
         driver.find_element(By.ID, "api-key").send_keys(KEY)
         driver.execute_script(
             "const t = document.getElementById('temperature');"
             "t.value = '0'; t.dispatchEvent(new Event('input'));"
-            "document.getElementById('max-tokens').value = '20';"
         )
-        box = driver.find_element(By.ID, "input")
-        box.send_keys("Hello there")
-        box.send_keys(Keys.ENTER)
-        WebDriverWait(driver, 30).until(
-            lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done")
-        )
+        say("Hello there", 20)
         answer = driver.find_element(By.CSS_SELECTOR, ".msg.assistant.done")
-        shot = tmp_path / "chat-page.png"
-        driver.save_screenshot(str(shot))
-        assert shot.stat().st_size > 1000
-        assert "model: tiny" in driver.find_element(By.ID, "model").text
+        assert "model: tiny (context 256 tokens)" in driver.find_element(By.ID, "model").text
         assert driver.find_element(By.ID, "temperature-value").text == "0"
         assert answer.get_attribute("data-finish") in ("stop", "length")
         assert answer.get_attribute("textContent") == chat_text(client, "Hello there", 20)
         assert driver.find_element(By.CSS_SELECTOR, ".msg.user").text == "Hello there"
+        # The page's default of 200 tokens: the conversation soon outgrows the 256-token context,
+        # and the oldest exchanges make way (a request for more than fits was once refused).
+        say("Tell me more", 200)
+        say("And then?", 200)
+        say("Go on", 200)
+        finishes = [
+            a.get_attribute("data-finish")
+            for a in driver.find_elements(By.CSS_SELECTOR, ".msg.done")
+        ]
+        assert finishes and all(f in ("stop", "length") for f in finishes), finishes
+        assert len(finishes) == 4 and not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+        assert driver.find_elements(By.CSS_SELECTOR, ".note.dropped")
+        driver.save_screenshot(str(tmp_path / "chat-page-1280.png"))
+
+        # A phone's width: the settings fold away, the message box and the buttons fit.
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True},
+        )
+        driver.get(server.url + "/")
+        assert driver.execute_script("return window.innerWidth") == 390
+        assert driver.find_element(By.ID, "settings").get_attribute("open") is None
+        driver.find_element(By.CSS_SELECTOR, "#settings summary").click()
+        driver.find_element(By.ID, "api-key").send_keys(KEY)
+        driver.find_element(By.CSS_SELECTOR, "#settings summary").click()
+        say("Hi from a phone", 20)
+        phone_answer = driver.find_element(By.CSS_SELECTOR, ".msg.done")
+        assert phone_answer.get_attribute("data-finish") in ("stop", "length")
+        box = driver.find_element(By.ID, "input").rect
+        assert box["width"] > 250, box
+        for button in ("send", "stop"):
+            rect = driver.find_element(By.ID, button).rect
+            assert rect["x"] >= 0 and rect["x"] + rect["width"] <= 390, (button, rect)
+            assert rect["y"] + rect["height"] <= 844, (button, rect)
+        driver.save_screenshot(str(tmp_path / "chat-page-390.png"))
+        assert all((tmp_path / f"chat-page-{w}.png").stat().st_size > 1000 for w in (1280, 390))
     finally:
         driver.quit()
 

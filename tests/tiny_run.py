@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
+from scratchlm.checkpoint import model_tensors, save_checkpoint
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.paths import PROJECT_ROOT
 from scratchlm.tokenizer import Tokenizer, train_tokenizer
-from scratchlm.train.checkpoint import model_tensors, save_checkpoint
 
 
 def corpus(n_chars: int = 60_000) -> str:

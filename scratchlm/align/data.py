@@ -6,14 +6,14 @@
     train, val = split_validation(chat.records, 0.1)
 
 Files are JSON Lines (.jsonl) or one JSON array (.json), plain or compressed (.gz, .zst); a folder
-stands for the files in it. The layouts formats.py knows may be mixed. A line that is not JSON, or
-a record that fits no layout or breaks the rules, becomes a Reject; nothing raises on bad data.
-A file that does not exist is a UserError (a mistake in the recipe, not in the data).
+stands for the files in it. The layouts formats.py knows may be mixed. A line that is not JSON, is
+nested too deeply or too long, a record that fits no layout or breaks the rules, and the end of a
+file cut short, each become a Reject; nothing raises on bad data. A file that does not exist is a
+UserError (a mistake in the recipe, not in the data).
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
@@ -23,14 +23,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import zstandard
-
 from scratchlm.align.formats import BadRecord, Message, to_chat, to_preference
+from scratchlm.curate.streams import (
+    STREAM_ERRORS,
+    NestedTooDeep,
+    bounded_lines,
+    decompressed,
+    parse_json,
+)
 from scratchlm.errors import UserError
 from scratchlm.paths import resolve
 
 Kind = Literal["chat", "preference"]
 SUFFIXES = (".jsonl", ".json")
+MAX_LINE_BYTES = 64 * 2**20
+"""A JSON Lines record longer than this is set aside unread (`record too long`)."""
 
 
 @dataclass
@@ -88,39 +95,59 @@ def _base_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    if path.suffix == ".zst":
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
-        return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
-
-
 def raw_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(line, record, None) per record of a file, or (line, raw text, reason) when it is not JSON.
+    """(line, record, None) per record of a file, or (line, raw text, reason) when it is not JSON
+    (or when the file ends early: the line after the last one read).
 
     A .json file holds one array (or one object); when it does not parse as a whole it is read as
     JSON Lines, which many .json files really are."""
-    with _open_text(path) as f:
-        text = f.read()
-    if _base_suffix(path) == ".json":
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            pass
-        else:
-            items = whole if isinstance(whole, list) else [whole]
-            for i, item in enumerate(items, 1):
-                yield i, item, None
+    with decompressed(open(path, "rb"), path.name) as stream:
+        if _base_suffix(path) != ".json":
+            yield from _line_records(stream)
             return
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+        chunks: list[bytes] = []
+        cut = None
         try:
-            yield i, json.loads(line), None
-        except json.JSONDecodeError as e:
-            yield i, line[:1000], f"malformed JSON: {e.msg}"
+            while chunk := stream.read(1 << 20):
+                chunks.append(chunk)
+        except STREAM_ERRORS as e:
+            cut = f"truncated or corrupt file: {e}"
+        data = b"".join(chunks)
+    try:
+        whole = None if cut else parse_json(data)
+    except ValueError:  # NestedTooDeep included: the lines may still be records
+        whole = None
+    if whole is not None:
+        items = whole if isinstance(whole, list) else [whole]
+        for i, item in enumerate(items, 1):
+            yield i, item, None
+        return
+    yield from _line_records(io.BytesIO(data), cut)
+
+
+def _line_records(
+    stream: io.BufferedIOBase, cut: str | None = None
+) -> Iterator[tuple[int, Any, str | None]]:
+    """The records of a JSON Lines stream; `cut`: why the stream ended early, if it did."""
+    line = 0
+    try:
+        for line, (_, raw, length) in enumerate(bounded_lines(stream, MAX_LINE_BYTES), 1):
+            if raw is None:
+                yield line, "", f"record too long ({length:,} bytes)"
+                continue
+            text = raw.decode("utf-8", errors="replace")
+            if not text.strip():
+                continue
+            try:
+                yield line, parse_json(text), None
+            except NestedTooDeep as e:
+                yield line, text[:1000], f"JSON nested too deeply ({e})"
+            except ValueError as e:
+                yield line, text[:1000], f"malformed JSON: {getattr(e, 'msg', e)}"
+    except STREAM_ERRORS as e:
+        cut = f"truncated or corrupt file: {e}"
+    if cut:
+        yield line + 1, "", cut
 
 
 def read_records(paths: list[str | Path], kind: Kind) -> Dataset:

@@ -29,9 +29,9 @@ from scratchlm.align.stage import (
     write_answers,
     write_rejects,
 )
+from scratchlm.checkpoint import Checkpoint
 from scratchlm.config import DPOConfig, Recipe
 from scratchlm.device import Runtime
-from scratchlm.train.checkpoint import Checkpoint
 from scratchlm.train.loop import Session
 
 CACHE_FILE = "reference_logps.safetensors"

@@ -24,13 +24,13 @@ from scratchlm.align.data import read_preferences
 from scratchlm.align.dpo import all_logprobs
 from scratchlm.align.reward import score
 from scratchlm.align.stage import language_model, origin_of
+from scratchlm.checkpoint import Checkpoint, list_checkpoints, load_checkpoint
 from scratchlm.device import Runtime
 from scratchlm.errors import UserError
 from scratchlm.evaluate.tasks import EvalOptions, Task
 from scratchlm.loading import latest_checkpoint_dir
 from scratchlm.model import Transformer
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.checkpoint import Checkpoint, list_checkpoints, load_checkpoint
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -108,8 +108,13 @@ class PreferenceTask(Task):
         if not options.data:
             raise UserError("--tasks preference needs --data FILE (preference pairs)")
         pairs, set_aside = read_pairs(options.data, tokenizer, model.config.max_seq_len)
-        if options.limit:
+        usable = len(pairs)
+        if 0 < options.limit < usable:
             pairs = pairs[: options.limit]
+            print(
+                f"eval: preference: the first {options.limit:,} of the {usable:,} usable pairs in "
+                f"{options.data} (eval.limit or --limit; --limit 0 scores them all)"
+            )
         rows, runtime = options.batch_size, options.runtime
         checkpoint = load_checkpoint(Path(options.checkpoint)) if options.checkpoint else None
         if model.config.head == "scalar":
@@ -129,6 +134,7 @@ class PreferenceTask(Task):
             "chance": 0.5,
             "scorer": scorer,
             "data": str(options.data),
+            "usable_pairs": usable,
             "set_aside": set_aside,
         }
 

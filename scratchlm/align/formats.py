@@ -19,6 +19,7 @@ assistant turn), raises BadRecord with the reason; readers count it and set it a
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -38,6 +39,7 @@ SHAREGPT_ROLES = {
     "model": "assistant",
 }
 
+FLOAT32_MAX = 3.4028234663852886e38
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -73,7 +75,7 @@ def _sharegpt(turns: Any, what: str) -> list[Message]:
             raise BadRecord(f"{what}: a turn is not an object")
         if "from" in turn:
             speaker = turn.get("from")
-            role = SHAREGPT_ROLES.get(speaker.lower() if isinstance(speaker, str) else speaker)
+            role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
             if role is None:
                 raise BadRecord(f"unknown role {speaker!r}")
             messages.append({"role": role, "content": turn.get("value")})
@@ -168,7 +170,7 @@ def to_preference(record: Any) -> dict:
         )
         margin = record.get("margin")
         if isinstance(margin, (int, float)) and not isinstance(margin, bool):
-            pair["margin"] = float(margin)  # how far apart the pair was rated (Llama 2)
+            pair["margin"] = _finite(margin, "margin")  # how far apart the pair was rated (Llama 2)
         return pair
     if "conversations" in keys:  # LLaMA-Factory: the prompt in ShareGPT turns, one reply each
         return check_preference(
@@ -189,6 +191,18 @@ def to_preference(record: Any) -> dict:
     if isinstance(chosen, str) and isinstance(rejected, str):
         return _split_prompt(_hh_transcript(chosen, "chosen"), _hh_transcript(rejected, "rejected"))
     raise BadRecord("unrecognised preference layout")
+
+
+def _finite(number: int | float, what: str) -> float:
+    """The number as a float, or BadRecord unless it is finite in float32, the precision losses
+    are computed in (1e300 would be an infinite loss)."""
+    try:
+        value = float(number)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise BadRecord(f"{what} must be a finite number, got {str(number)[:20]}")
+    return value
 
 
 def to_chat(record: Any) -> dict:

@@ -90,6 +90,20 @@ def load_prompts(
     return prompts
 
 
+def count_prompts(sources: list[str]) -> int:
+    """How many records of the sources have a prompt, before any tokenizer is at hand: what a
+    stage checks before it changes its folder. A source that does not exist is a UserError."""
+    count = 0
+    for _, record, error in _records(sources):
+        if error is None:
+            try:
+                prompt_and_reference(record)
+            except BadRecord:
+                continue
+            count += 1
+    return count
+
+
 def _records(sources: list[str]) -> Iterator[tuple[str, Any, str | None]]:
     """(source, record, None), or (source, raw text, reason) for a line that is not JSON."""
     for source in sources:

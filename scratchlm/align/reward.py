@@ -22,10 +22,10 @@ from scratchlm.align.stage import (
     tokenizer_for,
     write_rejects,
 )
+from scratchlm.checkpoint import Checkpoint
 from scratchlm.config import Recipe
 from scratchlm.errors import UserError
 from scratchlm.model import ModelConfig, Transformer
-from scratchlm.train.checkpoint import Checkpoint
 from scratchlm.train.loop import Session
 
 

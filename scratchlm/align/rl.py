@@ -20,13 +20,13 @@ from scratchlm.align.reward import score
 from scratchlm.align.rollout import Rows, Sample, build_rows, sample_batch
 from scratchlm.align.stage import language_model, start_checkpoint, tokenizer_for, write_answers
 from scratchlm.align.tasks import RewardFn, call_reward
+from scratchlm.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, load_weights
 from scratchlm.config import ParallelConfig, Recipe, RolloutConfig
 from scratchlm.errors import UserError
 from scratchlm.loading import is_run_dir
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.paths import resolve
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, load_weights
 from scratchlm.train.loop import Session
 
 ANSWER_ROWS = 64

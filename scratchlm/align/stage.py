@@ -25,13 +25,13 @@ from scratchlm.align.data import (
     split_validation,
 )
 from scratchlm.align.data import write_rejects as write_reject_file
+from scratchlm.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, load_weights
 from scratchlm.config import Recipe
 from scratchlm.errors import UserError
 from scratchlm.loading import find_tokenizer
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.paths import resolve
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, load_weights
 
 
 def start_checkpoint(run_dir: Path, init_from: str, previous: str, stage: str) -> Checkpoint:

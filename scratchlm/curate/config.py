@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from scratchlm.errors import UserError
+from scratchlm.schema import ranged
 
 DEFAULT_STEPS = [
     "html",
@@ -33,17 +34,17 @@ ALL_STEPS = [*DEFAULT_STEPS[:7], "quality", *DEFAULT_STEPS[7:]]
 
 @dataclass
 class GopherQualityConfig:
-    min_doc_words: int = 50
-    max_doc_words: int = 100_000
-    min_avg_word_length: float = 3.0
-    max_avg_word_length: float = 10.0
-    max_symbol_word_ratio: float = 0.1
+    min_doc_words: int = ranged(50, ge=0)
+    max_doc_words: int = ranged(100_000, ge=0)
+    min_avg_word_length: float = ranged(3.0, ge=0)
+    max_avg_word_length: float = ranged(10.0, ge=0)
+    max_symbol_word_ratio: float = ranged(0.1, ge=0)
     """Hash signs and ellipses per word."""
-    max_bullet_lines_ratio: float = 0.9
-    max_ellipsis_lines_ratio: float = 0.3
-    max_non_alpha_words_ratio: float = 0.8
+    max_bullet_lines_ratio: float = ranged(0.9, ge=0, le=1)
+    max_ellipsis_lines_ratio: float = ranged(0.3, ge=0, le=1)
+    max_non_alpha_words_ratio: float = ranged(0.8, ge=0, le=1)
     """At least this share of words must contain a letter (the name follows datatrove)."""
-    min_stop_words: int = 2
+    min_stop_words: int = ranged(2, ge=0)
     stop_words: list[str] = field(
         default_factory=lambda: ["the", "be", "to", "of", "and", "that", "have", "with"]
     )
@@ -51,15 +52,15 @@ class GopherQualityConfig:
 
 @dataclass
 class GopherRepetitionConfig:
-    dup_line_frac: float = 0.3
-    dup_para_frac: float = 0.3
-    dup_line_char_frac: float = 0.2
-    dup_para_char_frac: float = 0.2
-    top_ngram_sizes: list[int] = field(default_factory=lambda: [2, 3, 4])
-    top_ngram_max_fracs: list[float] = field(default_factory=lambda: [0.20, 0.18, 0.16])
-    dup_ngram_sizes: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9, 10])
-    dup_ngram_max_fracs: list[float] = field(
-        default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10]
+    dup_line_frac: float = ranged(0.3, ge=0, le=1)
+    dup_para_frac: float = ranged(0.3, ge=0, le=1)
+    dup_line_char_frac: float = ranged(0.2, ge=0, le=1)
+    dup_para_char_frac: float = ranged(0.2, ge=0, le=1)
+    top_ngram_sizes: list[int] = ranged(factory=lambda: [2, 3, 4], ge=1, le=100)
+    top_ngram_max_fracs: list[float] = ranged(factory=lambda: [0.20, 0.18, 0.16], ge=0, le=1)
+    dup_ngram_sizes: list[int] = ranged(factory=lambda: [5, 6, 7, 8, 9, 10], ge=1, le=100)
+    dup_ngram_max_fracs: list[float] = ranged(
+        factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10], ge=0, le=1
     )
 
     def __post_init__(self) -> None:
@@ -70,7 +71,8 @@ class GopherRepetitionConfig:
         for sizes, fracs in pairs:
             if len(getattr(self, sizes)) != len(getattr(self, fracs)):
                 raise UserError(
-                    f"curate.gopher_repetition.{sizes} and {fracs} must have the same length"
+                    f"recipe keys curate.gopher_repetition.{sizes} and "
+                    f"curate.gopher_repetition.{fracs} must have the same length"
                 )
 
 
@@ -78,9 +80,9 @@ class GopherRepetitionConfig:
 class C4Config:
     filter_no_terminal_punct: bool = True
     """Drop lines that do not end in terminal punctuation (or end in an ellipsis)."""
-    min_words_per_line: int = 3
-    max_word_length: int = 1000
-    min_num_sentences: int = 5
+    min_words_per_line: int = ranged(3, ge=0)
+    max_word_length: int = ranged(1000, ge=1)
+    min_num_sentences: int = ranged(5, ge=0)
     filter_javascript: bool = True
     filter_lorem_ipsum: bool = True
     filter_curly_bracket: bool = True
@@ -91,14 +93,14 @@ class C4Config:
 
 @dataclass
 class FineWebConfig:
-    line_punct_thr: float = 0.12
+    line_punct_thr: float = ranged(0.12, ge=0, le=1)
     """Minimum share of lines ending in terminal punctuation."""
-    short_line_thr: float = 0.67
+    short_line_thr: float = ranged(0.67, ge=0, le=1)
     """Maximum share of lines of at most short_line_length characters."""
-    short_line_length: int = 30
-    char_duplicates_ratio: float = 0.01
+    short_line_length: int = ranged(30, ge=0)
+    char_duplicates_ratio: float = ranged(0.01, ge=0, le=1)
     """Maximum share of characters in lines that repeat an earlier line."""
-    new_line_ratio: float = 0.3
+    new_line_ratio: float = ranged(0.3, ge=0)
     """Maximum newlines per word (list-like pages)."""
 
 
@@ -115,16 +117,16 @@ class CurateConfig:
     text_separator: str = ""
     """Regular expression splitting plain-text files into documents; empty: a file is a document.
     TinyStories (stories on single newlines, paragraphs on blank lines): '(?<!\\n)\\n(?!\\n)'."""
-    max_doc_chars: int = 5_000_000
+    max_doc_chars: int = ranged(5_000_000, ge=1)
     """Longer documents are set aside as bad input."""
-    max_line_chars: int = 1_000_000
+    max_line_chars: int = ranged(1_000_000, ge=1)
     """A document with a longer line is set aside as bad input."""
-    max_invalid_char_ratio: float = 0.05
+    max_invalid_char_ratio: float = ranged(0.05, ge=0, le=1)
     """Documents with more characters decoded by replacement than this share are set aside."""
 
     # Language ID (fastText lid.176)
     languages: list[str] = field(default_factory=lambda: ["en"])
-    min_lang_score: float = 0.65
+    min_lang_score: float = ranged(0.65, ge=0, le=1)
 
     gopher_quality: GopherQualityConfig = field(default_factory=GopherQualityConfig)
     gopher_repetition: GopherRepetitionConfig = field(default_factory=GopherRepetitionConfig)
@@ -134,15 +136,15 @@ class CurateConfig:
     # Quality classifier
     quality_model: str = ""
     """fastText model from `scratchlm curate train-quality`; required by the quality step."""
-    quality_threshold: float = 0.5
+    quality_threshold: float = ranged(0.5, ge=0, le=1)
     """Documents whose probability of being reference-like text is lower are dropped."""
 
     # Dedup
-    minhash_ngram: int = 5
-    minhash_bands: int = 14
-    minhash_rows: int = 8
-    minhash_seed: int = 1
-    near_dedup_threshold: float = 0.8
+    minhash_ngram: int = ranged(5, ge=1, le=1000)
+    minhash_bands: int = ranged(14, ge=1, le=1024)
+    minhash_rows: int = ranged(8, ge=1, le=1024)
+    minhash_seed: int = ranged(1, ge=0, le=2**32 - 1)
+    near_dedup_threshold: float = ranged(0.8, ge=0, le=1)
     """An LSH candidate pair is a duplicate only when the exact Jaccard of the two documents'
     shingle sets is at least this; 0 trusts LSH alone."""
 
@@ -157,13 +159,13 @@ class CurateConfig:
     ray_address: str = ""
     """The Ray cluster: "" starts one on this machine for the run, "auto" joins the cluster this
     machine is part of, "HOST:PORT" joins that one."""
-    workers: int = 0
+    workers: int = ranged(0, ge=0, le=4096)
     """Tasks run at once: processes (local) or Ray tasks; 0 means one per core of the machine or
     of the Ray cluster."""
-    shard_bytes: int = 64 * 2**20
+    shard_bytes: int = ranged(64 * 2**20, ge=0)
     """Uncompressed JSON Lines, WARC/WET (plain or gzipped per record) and Parquet files larger
     than this are split into ranges of about this size, read by separate tasks; 0: never split."""
-    dedup_docs_per_task: int = 100_000
+    dedup_docs_per_task: int = ranged(100_000, ge=1)
     """Documents per dedup task (shuffle partitions and map groups hold about this many), which
     bounds each task's memory (about 60 MB per 100,000 documents); results do not depend on it."""
 

@@ -85,7 +85,7 @@ def _fingerprint(shards: list[Shard], cfg: CurateConfig, steps: list[str]) -> st
     """Inputs and the config that shapes results; how they run (executor, workers) is left out,
     so a run started on one executor can be finished on the other."""
     versions = {p: storage.version(p) for s in shards for p in s.paths}
-    files = [(p, s.start, s.end, *versions[p]) for s in shards for p in s.paths]
+    files = [(i, p, s.start, s.end, *versions[p]) for i, s in enumerate(shards) for p in s.paths]
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION_KEYS}
     blob = json.dumps([settings, steps, files], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -300,6 +300,21 @@ def _prepare_out(out: str, fingerprint: str) -> None:
     _write_json(manifest, {"fingerprint": fingerprint})
 
 
+def _say_skipped(skipped: dict[str, list[str]]) -> None:
+    """One line for the entries of input folders and globs that cannot be read (files of an
+    unknown type are expected there, and only counted)."""
+    unreadable = {why: paths for why, paths in skipped.items() if why != "unknown format"}
+    if not unreadable:
+        return
+    paths = [p for why in sorted(unreadable) for p in unreadable[why]]
+    counts = ", ".join(f"{len(unreadable[why])} {why}" for why in sorted(unreadable))
+    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    print(
+        f"curate: skipped {len(paths)} input entries that cannot be read ({counts}): {shown}",
+        flush=True,
+    )
+
+
 def run_curate(
     inputs: list[str],
     out: str | Path,
@@ -319,6 +334,7 @@ def run_curate(
     if cfg.dedup_docs_per_task < 1:
         raise UserError(f"curate.dedup_docs_per_task must be >= 1, got {cfg.dedup_docs_per_task}")
     shards, skipped = find_shards(inputs, cfg.shard_bytes)
+    _say_skipped(skipped)
     out = str(out)
     if storage.exists(out) and not storage.is_dir(out):
         raise UserError(f"--out {out} exists and is not a folder")
@@ -369,11 +385,11 @@ def run_curate(
                 bad[reason] = bad.get(reason, 0) + r["docs"]
     counters = stats["counters"]
     stats = {
-        "inputs": [s.name for s in shards],
+        "inputs": list(dict.fromkeys(p for s in shards for p in s.paths)),
         "shards": len(shards),
         "steps": stats["steps"],
         "bad_input": {"docs": sum(bad.values()), "reasons": dict(sorted(bad.items()))},
-        "skipped_files": skipped,
+        "skipped_files": {why: len(paths) for why, paths in sorted(skipped.items())},
         "counters": {k: v for k, v in counters.items() if k not in ("docs_after_pre", "docs_out")},
         "output": {
             "docs": counters.get("docs_out", 0),

@@ -58,8 +58,12 @@ def first_line_start(f, start: int) -> int:
     if start == 0:
         return 0
     f.seek(start - 1)
-    skipped = f.readline()
-    return start - 1 + len(skipped)
+    offset = start - 1
+    while True:  # in pieces: the line may be hundreds of megabytes long
+        piece = f.readline(SCAN_BYTES)
+        offset += len(piece)
+        if not piece or piece.endswith(b"\n"):
+            return offset
 
 
 def first_warc_record(f, start: int, gzipped: bool) -> int | None:

@@ -1,29 +1,31 @@
 """Readers: input files, folders and globs (local paths or fsspec URLs) to a stream of documents.
 
-A shard is one input file, one byte range of a large file (see ranges.py), or all .html files of
-one folder: the unit of parallel work and of resuming. Readers never raise on bad content: a
-record they cannot use comes out as a document with a "reason" (and the pipeline sets it aside
-under rejected/read/). Only a path that does not exist, or a file whose format is unknown, is a
-UserError.
+A shard is one byte range of a large file (see ranges.py), or a group of whole files of one
+format (one file when it is large): the unit of parallel work and of resuming. Readers never
+raise on bad content: a record they cannot use comes out as a document with a "reason" (and the
+pipeline sets it aside under rejected/read/). Only a path that does not exist, a file whose
+format is unknown or a named file that cannot be read, is a UserError.
 """
 
 from __future__ import annotations
 
 import codecs
-import gzip
 import io
-import json
 import re
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import IO
 
-import zstandard
-
 from scratchlm.curate import ranges, storage
 from scratchlm.curate.config import CurateConfig
+from scratchlm.curate.streams import (
+    STREAM_ERRORS,
+    NestedTooDeep,
+    bounded_lines,
+    decompressed,
+    parse_json,
+)
 from scratchlm.errors import UserError
 
 COMPRESSIONS = (".gz", ".zst")
@@ -39,16 +41,20 @@ FORMAT_SUFFIXES = {
     ".html": "html",
     ".htm": "html",
 }
-# A stream that ends early or holds garbage raises one of these from the decompressor.
-STREAM_ERRORS = (EOFError, OSError, zlib.error, zstandard.ZstdError)
 BINARY_SNIFF_BYTES = 8192
 CHUNK_CHARS = 1 << 20
+RECORD_BYTES_PER_CHAR = 6
+"""A JSON Lines record, a WARC record's body or an HTML file longer than this many bytes per
+character of max_doc_chars is set aside while it is read (`record too long`), not held whole:
+room for a document of max_doc_chars written as \\uXXXX escapes, or for a page's markup."""
+GROUP_FILES = 1000
+"""Small files are read by one task in groups of up to this many (and up to shard_bytes)."""
 
 
 @dataclass
 class Shard:
     name: str
-    """Stable source name: the path as found, used in document ids."""
+    """Stable name: the path of its (first) file as found; each file's path names its documents."""
     fmt: str
     paths: list[str] = field(default_factory=list)
     start: int = 0
@@ -64,18 +70,24 @@ def detect_format(path: str) -> str | None:
     return FORMAT_SUFFIXES.get(suffixes[-1]) if suffixes else None
 
 
-def find_shards(inputs: list[str], shard_bytes: int = 0) -> tuple[list[Shard], dict[str, int]]:
-    """The shards of the inputs, in a stable order, and counts of files skipped inside folders.
+def find_shards(
+    inputs: list[str], shard_bytes: int = 0
+) -> tuple[list[Shard], dict[str, list[str]]]:
+    """The shards of the inputs, in a stable order, and the entries skipped inside folders and
+    globs, by why (unknown format, a dangling symlink, not a regular file, unreadable).
 
-    Files larger than shard_bytes (0: no limit) are split into ranges where their format allows.
-    Raises UserError for a path or glob that matches nothing, or a named file of unknown format.
+    Files larger than shard_bytes (0: no limit) are split into ranges where their format allows;
+    smaller ones are read in groups of up to shard_bytes and GROUP_FILES files.
+    Raises UserError for a path or glob that matches nothing, or a named file of unknown format
+    or that cannot be read.
     """
     shards: list[Shard] = []
-    skipped: dict[str, int] = {}
+    skipped: dict[str, list[str]] = {}
     known = ", ".join(sorted({*FORMAT_SUFFIXES, *COMPRESSIONS}))
     for spec in inputs:
         spec = str(spec)
-        if any(c in spec for c in "*?["):
+        globbed = any(c in spec for c in "*?[")
+        if globbed:
             paths = storage.glob(spec)
             if not paths:
                 raise UserError(f"input glob {spec!r} matches no files")
@@ -84,7 +96,12 @@ def find_shards(inputs: list[str], shard_bytes: int = 0) -> tuple[list[Shard], d
             if not storage.exists(spec):
                 raise UserError(f"input not found: {spec}")
         for path in paths:
-            if storage.is_dir(path):
+            unreadable = None if storage.is_dir(path) else storage.why_unreadable(path)
+            if unreadable and globbed:
+                skipped.setdefault(unreadable, []).append(path)
+            elif unreadable:
+                raise UserError(f"cannot read {path}: {unreadable}")
+            elif storage.is_dir(path):
                 _add_folder(path, shards, skipped, shard_bytes)
             elif detect_format(path) is None:
                 raise UserError(f"cannot read {path}: unknown format (known suffixes: {known})")
@@ -92,7 +109,7 @@ def find_shards(inputs: list[str], shard_bytes: int = 0) -> tuple[list[Shard], d
                 shards.extend(_file_shards(path, detect_format(path) or "", shard_bytes))
     if not shards:
         raise UserError(f"no readable files in {', '.join(inputs)} (known suffixes: {known})")
-    return shards, skipped
+    return _grouped(shards, shard_bytes), skipped
 
 
 def _file_shards(path: str, fmt: str, shard_bytes: int) -> list[Shard]:
@@ -104,6 +121,30 @@ def _file_shards(path: str, fmt: str, shard_bytes: int) -> list[Shard]:
             for a, b in ranges.byte_ranges(storage.size(path), shard_bytes)
         ]
     return [Shard(path, fmt, [path])]
+
+
+def _grouped(shards: list[Shard], shard_bytes: int) -> list[Shard]:
+    """Whole files of one format gathered into shards of up to shard_bytes (0: no limit) and
+    GROUP_FILES files, each where its first file was: a task per file would cost more than the
+    file (10,000 one-story files were 20,025 tasks and 100,026 files written)."""
+    out: list[Shard] = []
+    filling: dict[str, tuple[Shard, int]] = {}  # format: (its open group, the group's bytes)
+    for shard in shards:
+        if shard.start != 0 or shard.end != -1:
+            out.append(shard)  # a range of a large file
+            continue
+        size = sum(storage.size(p) for p in shard.paths)
+        group, held = filling.get(shard.fmt, (None, 0))
+        full = group is not None and (
+            len(group.paths) + len(shard.paths) > GROUP_FILES
+            or (shard_bytes > 0 and held + size > shard_bytes)
+        )
+        if group is None or full:
+            group, held = Shard(shard.name, shard.fmt, []), 0
+            out.append(group)
+        group.paths.extend(shard.paths)
+        filling[shard.fmt] = (group, held + size)
+    return out
 
 
 def _row_group_ranges(path: str, shard_bytes: int) -> list[tuple[int, int]]:
@@ -127,7 +168,7 @@ def _row_group_ranges(path: str, shard_bytes: int) -> list[tuple[int, int]]:
 
 
 def _add_folder(
-    folder: str, shards: list[Shard], skipped: dict[str, int], shard_bytes: int
+    folder: str, shards: list[Shard], skipped: dict[str, list[str]], shard_bytes: int
 ) -> None:
     files = storage.list_files(folder)
     parts = [p for p in files if re.fullmatch(r"part-\d+\.jsonl\.zst", storage.name_of(p))]
@@ -136,70 +177,24 @@ def _add_folder(
         top = [p for p in parts if storage.parent(p).rstrip("/") == folder.rstrip("/")]
         shards.extend(Shard(p, "jsonl", [p]) for p in top)
         return
-    html_by_dir: dict[str, list[str]] = {}
+    html: list[str] = []
     for path in files:
         if any(part.startswith(".") for part in storage.relative_parts(path, folder)):
             continue
         fmt = detect_format(path)
-        if fmt is None:
-            skipped["unknown format"] = skipped.get("unknown format", 0) + 1
+        why = "unknown format" if fmt is None else storage.why_unreadable(path)
+        if why:
+            skipped.setdefault(why, []).append(path)
         elif fmt == "html":
-            html_by_dir.setdefault(storage.parent(path), []).append(path)
+            html.append(path)
         else:
             shards.extend(_file_shards(path, fmt, shard_bytes))
-    for parent, paths in sorted(html_by_dir.items()):
-        shards.append(Shard(parent, "html", paths))
+    shards.extend(Shard(path, "html", [path]) for path in html)
 
 
 def open_binary(path: str) -> IO[bytes]:
     """The decompressed bytes of a file (gzip or zstd by suffix)."""
-    suffix = PurePosixPath(path).suffix.lower()
-    if suffix == ".gz":
-        return gzip.GzipFile(fileobj=storage.open_read(path), mode="rb")
-    if suffix == ".zst":
-        return io.BufferedReader(_ZstdReader(storage.open_read(path)))
-    return storage.open_read(path)
-
-
-class _ZstdReader(io.RawIOBase):
-    """Decompressed bytes of a zstd file of one or more frames. Unlike zstandard's stream_reader,
-    a file that ends inside a frame raises EOFError instead of ending quietly."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw = raw
-        self.dobj = zstandard.ZstdDecompressor().decompressobj()
-        self.in_frame = False
-        self.pending = b""
-        self.pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while not self.pending:
-            chunk = self.raw.read(1 << 16)
-            if not chunk:
-                if self.in_frame:
-                    raise EOFError("zstd stream ended in the middle of a frame")
-                return 0
-            while chunk:
-                self.in_frame = True
-                self.pending += self.dobj.decompress(chunk)
-                chunk = b""
-                if self.dobj.eof:
-                    chunk = self.dobj.unused_data
-                    self.dobj = zstandard.ZstdDecompressor().decompressobj()
-                    self.in_frame = False
-        n = min(len(buffer), len(self.pending) - self.pos)
-        buffer[:n] = self.pending[self.pos : self.pos + n]
-        self.pos += n
-        if self.pos == len(self.pending):
-            self.pending, self.pos = b"", 0
-        return n
-
-    def close(self) -> None:
-        self.raw.close()
-        super().close()
+    return decompressed(storage.open_read(path), path)
 
 
 def looks_binary(head: bytes) -> bool:
@@ -219,45 +214,50 @@ def bad(doc_id: str, reason: str, text: str = "", score: float = 0.0) -> dict:
 
 def read_shard(shard: Shard, cfg: CurateConfig) -> Iterator[dict]:
     """Every document of a shard, bad records included (those carry a "reason")."""
-    if shard.fmt == "html":
-        for path in shard.paths:
-            yield from _read_html_file(path)
-        return
-    path = shard.paths[0]
-    if shard.fmt == "warc":
+    for path in shard.paths:
+        try:
+            yield from _read_file(path, shard.fmt, cfg, shard.start, shard.end)
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+            yield bad(path, "unreadable file", str(e))
+        except STREAM_ERRORS as e:
+            yield bad(f"{path}:end", "truncated or corrupt input", str(e))
+
+
+def _read_file(path: str, fmt: str, cfg: CurateConfig, start: int, end: int) -> Iterator[dict]:
+    """The documents of one file, or of the range [start, end) of it; the path names them."""
+    if fmt == "html":
+        yield from _read_html_file(path, RECORD_BYTES_PER_CHAR * cfg.max_doc_chars)
+    elif fmt == "warc":
         from scratchlm.curate.warc import read_warc
 
-        yield from read_warc(path, shard.name, shard.start, shard.end)
-        return
-    if shard.fmt == "jsonl" and ranges.splittable(path, "jsonl"):
-        yield from _read_jsonl_range(path, shard.name, cfg, shard.start, shard.end)
-        return
-    if shard.fmt == "parquet":
-        yield from _read_parquet(path, shard.name, cfg, shard.start, shard.end)
-        return
-    reader = {"text": _read_text, "jsonl": _read_jsonl}[shard.fmt]
-    try:
-        yield from reader(path, shard.name, cfg)
-    except STREAM_ERRORS as e:
-        yield bad(f"{shard.name}:end", "truncated or corrupt input", str(e))
+        yield from read_warc(path, path, start, end, RECORD_BYTES_PER_CHAR * cfg.max_doc_chars)
+    elif fmt == "jsonl" and ranges.splittable(path, "jsonl"):
+        yield from _read_jsonl_range(path, path, cfg, start, end)
+    elif fmt == "parquet":
+        yield from _read_parquet(path, path, cfg, start, end)
+    elif fmt == "jsonl":
+        yield from _read_jsonl(path, path, cfg)
+    else:
+        yield from _read_text(path, path, cfg)
 
 
-def _sniffed_text(path: str, source: str) -> tuple[IO[str] | None, dict | None]:
+def _sniffed(path: str, source: str) -> tuple[io.BufferedReader | None, dict | None]:
+    """The decompressed bytes of a file, or None and a bad record when they look binary."""
     stream = open_binary(path)
     buffered = io.BufferedReader(stream) if not isinstance(stream, io.BufferedReader) else stream
     head = buffered.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES]
     if looks_binary(head):
         buffered.close()
         return None, bad(source, "binary file", "", 1.0)
-    return io.TextIOWrapper(buffered, encoding="utf-8", errors="replace", newline=""), None
+    return buffered, None
 
 
 def _read_text(path: str, source: str, cfg: CurateConfig) -> Iterator[dict]:
-    text_io, rejected = _sniffed_text(path, source)
-    if text_io is None:
+    stream, rejected = _sniffed(path, source)
+    if stream is None:
         yield rejected  # type: ignore[misc]
         return
-    with text_io:
+    with io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="") as text_io:
         if not cfg.text_separator:
             text = text_io.read(cfg.max_doc_chars + 1)
             if len(text) > cfg.max_doc_chars:
@@ -313,20 +313,16 @@ def split_stream(
 
 
 def _read_jsonl(path: str, source: str, cfg: CurateConfig) -> Iterator[dict]:
-    text_io, rejected = _sniffed_text(path, source)
-    if text_io is None:
+    stream, rejected = _sniffed(path, source)
+    if stream is None:
         yield rejected  # type: ignore[misc]
         return
-    with text_io:
-        for lineno, line in enumerate(text_io, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                yield bad(f"{source}:{lineno}", "invalid json", line)
-                continue
-            yield _doc_from_record(obj, f"{source}:{lineno}", source, cfg, line)
+    with stream:
+        lines = bounded_lines(stream, RECORD_BYTES_PER_CHAR * cfg.max_doc_chars)
+        for lineno, (_, raw, length) in enumerate(lines, start=1):
+            doc = _record(raw, length, f"{source}:{lineno}", source, cfg)
+            if doc is not None:
+                yield doc
 
 
 def _read_jsonl_range(
@@ -334,28 +330,39 @@ def _read_jsonl_range(
 ) -> Iterator[dict]:
     """The records of an uncompressed JSON Lines file that start in [start, end); their fallback
     ids are byte offsets (a range does not know its line numbers)."""
-    with storage.open_read(path) as f:
+    with storage.open_read(path) as raw_file:
+        f = raw_file if isinstance(raw_file, io.BufferedReader) else io.BufferedReader(raw_file)
         if looks_binary(f.read(BINARY_SNIFF_BYTES)):
             if start == 0:
                 yield bad(source, "binary file", "", 1.0)
             return
-        offset = ranges.first_line_start(f, start)
-        f.seek(offset)
-        while end < 0 or offset < end:
-            raw = f.readline()
-            if not raw:
+        first = ranges.first_line_start(f, start)
+        f.seek(first)
+        for offset, raw, length in bounded_lines(f, RECORD_BYTES_PER_CHAR * cfg.max_doc_chars):
+            if 0 <= end <= first + offset:
                 return
-            line = raw.decode("utf-8", errors="replace")
-            doc_id = f"{source}@{offset}"
-            offset += len(raw)
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                yield bad(doc_id, "invalid json", line)
-                continue
-            yield _doc_from_record(obj, doc_id, source, cfg, line)
+            doc = _record(raw, length, f"{source}@{first + offset}", source, cfg)
+            if doc is not None:
+                yield doc
+
+
+def _record(
+    raw: bytes | None, length: int, doc_id: str, source: str, cfg: CurateConfig
+) -> dict | None:
+    """The document of one JSON Lines record (raw None: a line too long, dropped unread), a bad
+    record with its reason, or None for a blank line."""
+    if raw is None:
+        return bad(doc_id, "record too long", "", float(length))
+    line = raw.decode("utf-8", errors="replace")
+    if not line.strip():
+        return None
+    try:
+        obj = parse_json(line)
+    except NestedTooDeep:
+        return bad(doc_id, "json nested too deeply", line)
+    except ValueError:
+        return bad(doc_id, "invalid json", line)
+    return _doc_from_record(obj, doc_id, source, cfg, line)
 
 
 def _doc_from_record(
@@ -431,13 +438,16 @@ def decode_html(body: bytes, declared: str | None = None) -> str:
         return body.decode(guess.encoding if guess else "utf-8", errors="replace")
 
 
-def _read_html_file(path: str) -> Iterator[dict]:
+def _read_html_file(path: str, max_bytes: int) -> Iterator[dict]:
     source = path
     try:
         with open_binary(path) as f:
-            body = f.read()
+            body = f.read(max_bytes + 1)
     except STREAM_ERRORS as e:
         yield bad(source, "truncated or corrupt input", str(e))
+        return
+    if len(body) > max_bytes:
+        yield bad(source, "record too long", "", float(len(body)))
         return
     if looks_binary(body[:BINARY_SNIFF_BYTES]):
         yield bad(source, "binary file", "", 1.0)

@@ -17,6 +17,7 @@ import glob as globlib
 import os
 import posixpath
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -83,6 +84,24 @@ def is_file(path: str) -> bool:
         fs, p = _fs(path)
         return fs.isfile(p)
     return os.path.isfile(local_path(path))
+
+
+def why_unreadable(path: str) -> str | None:
+    """Why a listed entry cannot be read as a file ("dangling symlink", "not a regular file":
+    a FIFO, a socket, a device; "unreadable": no permission, a symlink loop), or None. Object
+    stores list only objects, which are files."""
+    if is_remote(path):
+        return None
+    local = local_path(path)
+    try:
+        mode = os.stat(local).st_mode
+    except FileNotFoundError:
+        return "dangling symlink" if os.path.islink(local) else "unreadable"
+    except OSError:
+        return "unreadable"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    return None if os.access(local, os.R_OK) else "unreadable"
 
 
 def size(path: str) -> int:

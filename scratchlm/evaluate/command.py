@@ -24,12 +24,12 @@ def eval_command(args: argparse.Namespace) -> int:
         if not run_dir.is_dir():
             raise UserError(f"run folder not found: {run_dir}")
         target = latest_checkpoint_dir(run_dir)
-        recipe = _recipe(run_dir, args.target, args.set, save=True)
+        recipe = _recipe(run_dir, args.target, args.set)
     elif args.target is not None:
         if args.target.endswith(".toml"):
             raise UserError("a recipe needs --run-dir: scratchlm eval RECIPE --run-dir DIR")
         target, run_dir = resolve_target(Path(args.target))
-        recipe = _recipe(run_dir, None, args.set, save=False)
+        recipe = _recipe(run_dir, None, args.set)
     else:
         raise UserError("scratchlm eval needs a run folder or a checkpoint (or --run-dir DIR)")
     explicit = args.tasks is not None
@@ -52,6 +52,9 @@ def eval_command(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         chat=args.chat or None,
     )
+    # The stage form runs the pipeline's evaluation; otherwise the run's own recipe has the
+    # settings whose results the report shows.
+    pipeline = None if args.run_dir is not None else options_from(_recipe(run_dir, None, []))
     result = evaluate_checkpoint(
         target,
         recipe,
@@ -60,7 +63,10 @@ def eval_command(args: argparse.Namespace) -> int:
         run_dir=run_dir,
         validation=not explicit and not args.harness,
         harness=args.harness,
+        pipeline=pipeline,
     )
+    if args.run_dir is not None and int(os.environ.get("RANK", "0")) == 0:
+        save_recipe(recipe, args.run_dir / "recipe.toml")  # only once the evaluation has run
     if args.json:
         scores = result.get("harness" if args.harness else "tasks", {})
         summary: dict[str, Any] = {k: result[k] for k in ("checkpoint", "stage", "step")}
@@ -70,14 +76,11 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recipe(run_dir: Path | None, path: str | None, overrides: list[str], save: bool) -> Recipe:
+def _recipe(run_dir: Path | None, path: str | None, overrides: list[str]) -> Recipe:
     """The recipe named, else the run's recipe.toml, else the default; with --set applied."""
     if path is None and run_dir is not None and (run_dir / "recipe.toml").is_file():
         path = str(run_dir / "recipe.toml")
-    recipe = load_recipe(Path(path or DEFAULT_RECIPE), overrides)
-    if save and run_dir is not None and int(os.environ.get("RANK", "0")) == 0:
-        save_recipe(recipe, run_dir / "recipe.toml")
-    return recipe
+    return load_recipe(Path(path or DEFAULT_RECIPE), overrides)
 
 
 def _write_harness_tasks(args: argparse.Namespace) -> int:

@@ -18,7 +18,8 @@ SKIPPED = ("n", "chance", "shots", "seconds", "max_gen_toks")
 
 
 def evaluated_checkpoints(run_dir: Path) -> list[dict[str, Any]]:
-    """RUN/eval/<stage>-<step>.json files that hold task scores, oldest step first."""
+    """RUN/eval/<stage>-<step>.json files that hold task scores, oldest step first: those of the
+    run's own [eval] settings, not those of an evaluation with other settings (--limit 50...)."""
     folder = run_dir / "eval"
     if not folder.is_dir():
         return []
@@ -30,9 +31,23 @@ def evaluated_checkpoints(run_dir: Path) -> list[dict[str, Any]]:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if data.get("tasks") or data.get("harness"):
+        if (data.get("tasks") or data.get("harness")) and not data.get("settings_key"):
             found.append(data)
     return sorted(found, key=lambda d: (d.get("step", 0), d.get("stage", "")))
+
+
+def describe_settings(settings: dict[str, Any]) -> str:
+    """'limit 200, data_dir data/eval': the settings the scores were computed under."""
+    shown = {"shots": "task defaults", "data": None}
+    parts = []
+    for name, value in settings.items():
+        if value is None or value is False:
+            value = shown.get(name, value)
+        if name == "limit" and value == 0:
+            value = "all"
+        if value is not None and value is not False:
+            parts.append(f"{name} {'on' if value is True else value}")
+    return ", ".join(parts)
 
 
 def _fmt(value: Any) -> str:
@@ -66,7 +81,8 @@ def eval_tables_html(run_dir: Path) -> str:
                 "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
                 for row in score_rows(data[key])
             )
-            title = f"{data.get('stage', '?')} step {data.get('step', '?')} ({source})"
+            title = f"{data.get('stage', '?')} step {data.get('step', '?')} ({source}"
+            title += f"; {describe_settings(data['settings'])})" if "settings" in data else ")"
             parts.append(f"<h3>{html.escape(title)}</h3><table><tr>{head}</tr>{body}</table>")
     if not parts:
         return ""

@@ -1,7 +1,10 @@
 """`scratchlm eval`: a checkpoint on benchmark tasks, the validation split and samples.
 
-Results of a checkpoint go to RUN/eval/<stage>-<step>.json (tasks evaluated later are merged in
-while the weights are the same) and the newest evaluation is copied to RUN/eval/results.json.
+Results of a checkpoint under the pipeline's settings (the run recipe's [eval]) go to
+RUN/eval/<stage>-<step>.json (tasks evaluated later are merged in while the weights are the same)
+and are copied to RUN/eval/results.json; the report reads only these. An evaluation with other
+settings (--limit 50, --shots 0, --data F...) goes to RUN/eval/<stage>-<step>.<key>.json, the key
+naming the settings that differ (limit-50.shots-0), so it never mixes into the pipeline's scores.
 """
 
 from __future__ import annotations
@@ -15,15 +18,16 @@ from typing import Any
 
 import torch
 
+from scratchlm.checkpoint import list_checkpoints, load_checkpoint
 from scratchlm.config import Recipe
 from scratchlm.device import Runtime, pick_runtime
+from scratchlm.disk import write_atomic
 from scratchlm.errors import UserError
 from scratchlm.evaluate.bpb import evaluate_bpb
 from scratchlm.evaluate.tasks import EvalOptions, get_task
 from scratchlm.infer.generate import generate
 from scratchlm.loading import from_checkpoint, is_run_dir, latest_checkpoint_dir
 from scratchlm.shards import check_tokenizer, read_meta
-from scratchlm.train.checkpoint import list_checkpoints, load_checkpoint
 
 
 def run_tasks(
@@ -144,6 +148,32 @@ def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     return result
 
 
+SCORE_SETTINGS = ("limit", "shots", "data", "data_dir", "chat", "max_gen_toks")
+"""The evaluation options that change scores (batch size and device do not)."""
+
+
+def settings_of(options: EvalOptions) -> dict[str, Any]:
+    return {name: getattr(options, name) for name in SCORE_SETTINGS}
+
+
+def settings_key(options: EvalOptions, pipeline: EvalOptions) -> str:
+    """'' under the pipeline's settings; else the ones that differ, as 'limit-50.shots-0' (a
+    file or folder as a hash of its path: 'data-1a2b3c4d')."""
+    parts = []
+    for name in SCORE_SETTINGS:
+        value = getattr(options, name)
+        if value == getattr(pipeline, name):
+            continue
+        if name in ("data", "data_dir"):
+            text = hashlib.sha256(str(value).encode()).hexdigest()[:8]
+        elif isinstance(value, bool):
+            text = "on" if value else "off"
+        else:
+            text = str(value)
+        parts.append(f"{name.replace('_', '')}-{text}")
+    return ".".join(parts)
+
+
 def evaluate_checkpoint(
     path: Path,
     recipe: Recipe,
@@ -152,21 +182,29 @@ def evaluate_checkpoint(
     run_dir: Path | None = None,
     validation: bool = False,
     harness: bool = False,
+    pipeline: EvalOptions | None = None,
 ) -> dict[str, Any]:
-    """Evaluate one checkpoint (or a stage folder's newest) and record it under run_dir/eval."""
+    """Evaluate one checkpoint (or a stage folder's newest) and record it under run_dir/eval;
+    `pipeline`: the run's own evaluation settings, when they are not those of `options`."""
     check_task_names(task_names)  # an unknown task fails before the checkpoint is read
     loaded = load_checkpoint(path)  # read and verified once: the manifest hashes every file
     ckpt = loaded.path
     model, tokenizer = from_checkpoint(loaded, device=options.runtime.device)
     stage, step = ckpt.parent.name, int(loaded.trainer_state.get("step", 0))
     weights = _weights_id(ckpt)
-    out = run_dir / "eval" / f"{stage}-{ckpt.name}.json" if run_dir else None
+    key = settings_key(options, pipeline or options)
+    name = f"{stage}-{ckpt.name}" + (f".{key}" if key else "")
+    out = run_dir / "eval" / f"{name}.json" if run_dir else None
+    settings = settings_of(options)
     result: dict[str, Any] = {}
     if out is not None and out.is_file():
         earlier = json.loads(out.read_text())
         if earlier.get("weights") == weights:
             result = earlier
+        if earlier.get("settings", settings) != settings:  # the run's [eval] changed since
+            result = {k: v for k, v in result.items() if k not in ("tasks", "harness")}
     result |= {"checkpoint": str(ckpt), "stage": stage, "step": step, "weights": weights}
+    result |= {"settings": settings, "settings_key": key}
     if validation and run_dir is not None and (run_dir / "tokens" / "meta.json").is_file():
         check_tokenizer(read_meta(run_dir / "tokens"), tokenizer)
         result |= evaluate_bpb(
@@ -202,8 +240,13 @@ def evaluate_checkpoint(
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(result, indent=2)
-        out.write_text(text)
-        (out.parent / "results.json").write_text(text)
+        write_atomic(out, text.encode())
+        if key:
+            print(
+                f"eval: -> {out} (settings other than the run's [eval]: {key}; not in the report)"
+            )
+        else:
+            write_atomic(out.parent / "results.json", text.encode())
     return result
 
 

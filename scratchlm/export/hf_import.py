@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from scratchlm.errors import UserError
@@ -49,9 +52,51 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise UserError(f"cannot read {path}: {e}") from None
 
 
-def model_config(hf: dict[str, Any]) -> ModelConfig:
-    """The scratchlm config of a Llama config.json; unsupported variants are refused."""
+LIMITS: dict[str, tuple[int, int]] = {
+    "hidden_size": (2, 2**16),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "num_hidden_layers": (1, 1024),
+    "intermediate_size": (1, 2**18),
+    "vocab_size": (1, 2**22),
+    "max_position_embeddings": (1, 2**24),
+    "head_dim": (2, 2**12),
+}
+"""The integer keys of config.json and what scratchlm accepts: beyond these a checkpoint is not
+a Llama that fits a machine (a vocab_size of 1e12 would ask for terabytes)."""
+
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def _integer(hf: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = hf.get(key, default)
+    if value is None:
+        raise UserError(f"import-hf: config.json has no {key}")
+    low, high = LIMITS[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UserError(
+            f"import-hf: config.json {key} = {json.dumps(value)[:40]}: expected an integer in "
+            f"[{low}, {high}]"
+        )
+    return value
+
+
+def _positive_number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e30:
+        raise UserError(
+            f"import-hf: config.json {key} = {json.dumps(value)[:40]}: expected a positive number"
+        )
+    return float(value)
+
+
+def model_config(hf: Any) -> ModelConfig:
+    """The scratchlm config of a Llama config.json; unsupported variants, values of the wrong
+    type or out of range and sizes that do not divide are refused (one line naming the key)."""
+    if not isinstance(hf, dict):
+        raise UserError(f"import-hf: config.json holds a {type(hf).__name__}, not an object")
     archs = hf.get("architectures") or [hf.get("model_type", "unknown")]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise UserError("import-hf: config.json architectures must be a list of names")
     if not any(a in SUPPORTED for a in archs):
         raise UserError(f"import-hf supports {', '.join(SUPPORTED)}; this checkpoint is {archs[0]}")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -60,39 +105,141 @@ def model_config(hf: dict[str, Any]) -> ModelConfig:
         raise UserError(f"import-hf: activation {hf['hidden_act']!r} is not supported (silu)")
     rope = hf.get("rope_parameters") or {}
     for scaling in (rope, hf.get("rope_scaling") or {}):
+        if not isinstance(scaling, dict):
+            raise UserError("import-hf: config.json rope_scaling must be an object")
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind != "default":
             raise UserError(f"import-hf: RoPE scaling {kind!r} is not supported")
-    dim, heads = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim", dim // heads) != dim // heads:
+    dim, heads = _integer(hf, "hidden_size"), _integer(hf, "num_attention_heads")
+    kv_heads = _integer(hf, "num_key_value_heads", hf.get("num_key_value_heads") or heads)
+    if dim % heads or (dim // heads) % 2:
+        raise UserError(
+            f"import-hf: hidden_size {dim} must be num_attention_heads {heads} x an even head size"
+        )
+    if _integer(hf, "head_dim", hf.get("head_dim") or dim // heads) != dim // heads:
         raise UserError("import-hf: head_dim must be hidden_size / num_attention_heads")
+    if heads % kv_heads:
+        raise UserError(
+            f"import-hf: num_attention_heads {heads} must be a multiple of num_key_value_heads "
+            f"{kv_heads}"
+        )
+    tie = hf.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise UserError("import-hf: config.json tie_word_embeddings must be true or false")
     return ModelConfig(
-        vocab_size=hf["vocab_size"],
+        vocab_size=_integer(hf, "vocab_size"),
         dim=dim,
-        n_layers=hf["num_hidden_layers"],
+        n_layers=_integer(hf, "num_hidden_layers"),
         n_heads=heads,
-        n_kv_heads=hf.get("num_key_value_heads") or heads,
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        ffn_dim=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        n_kv_heads=kv_heads,
+        max_seq_len=_integer(hf, "max_position_embeddings", 2048),
+        ffn_dim=_integer(hf, "intermediate_size"),
+        norm_eps=_positive_number("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=_positive_number(
+            "rope_theta", rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        ),
+        tie_embeddings=tie,
     )
 
 
-def read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+def weight_files(hf_dir: Path) -> list[Path]:
+    """The safetensors files of the checkpoint: one, or the shards its index names."""
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(_read_json(index)["weight_map"].values()))
+        index_json = _read_json(index)
+        weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise UserError(f"{index} has no weight_map of tensor names to file names")
+        names = sorted(set(weight_map.values()))
     elif (hf_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+        names = ["model.safetensors"]
     else:
         raise UserError(f"{hf_dir} has no model.safetensors (or model.safetensors.index.json)")
+    files = []
+    for name in names:
+        path = hf_dir / name
+        if Path(name).name != name or not path.is_file():  # a shard outside the folder is refused
+            raise UserError(f"{path} is missing (named in the safetensors index)")
+        files.append(path)
+    return files
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a LlamaForCausalLM of this config has, with its shape."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {
+        "model.embed_tokens.weight": (cfg.vocab_size, cfg.dim),
+        "model.norm.weight": (cfg.dim,),
+    }
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}"
+        shapes |= {
+            f"{p}.self_attn.q_proj.weight": (q, cfg.dim),
+            f"{p}.self_attn.k_proj.weight": (kv, cfg.dim),
+            f"{p}.self_attn.v_proj.weight": (kv, cfg.dim),
+            f"{p}.self_attn.o_proj.weight": (cfg.dim, q),
+            f"{p}.mlp.gate_proj.weight": (cfg.ffn_dim, cfg.dim),
+            f"{p}.mlp.up_proj.weight": (cfg.ffn_dim, cfg.dim),
+            f"{p}.mlp.down_proj.weight": (cfg.dim, cfg.ffn_dim),
+            f"{p}.input_layernorm.weight": (cfg.dim,),
+            f"{p}.post_attention_layernorm.weight": (cfg.dim,),
+        }
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.dim)
+    return shapes
+
+
+def _headers(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of every tensor of the files, from their headers: nothing is loaded."""
+    found: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    part = f.get_slice(name)
+                    found[name] = (tuple(part.get_shape()), part.get_dtype())
+        except Exception as e:  # safetensors raises its own error types for a damaged header
+            raise UserError(f"import-hf: {path} is not a readable safetensors file ({e})") from None
+    return found
+
+
+def check_weights(files: list[Path], cfg: ModelConfig) -> None:
+    """The tensors of the files are exactly those of the config, at its shapes: a config that
+    says 2 layers over weights of 4 is refused, not imported as half a model."""
+    found = _headers(files)
+    layers = {n.split(".")[2] for n in found if n.startswith("model.layers.")}
+    n_layers = max((int(i) + 1 for i in layers if i.isdigit()), default=0)
+    if n_layers != cfg.n_layers:
+        raise UserError(
+            f"import-hf: the weights have {n_layers} layers, config.json num_hidden_layers "
+            f"says {cfg.n_layers}"
+        )
+    expected = expected_shapes(cfg)
+    ignored = {n for n in found if n.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_embeddings:
+        ignored.add("lm_head.weight")  # some tied checkpoints still carry a copy
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected) - ignored)
+    if missing or unexpected:
+        what = f"lack {missing[0]}" if missing else f"have {unexpected[0]}, which Llama has not"
+        more = len(missing) + len(unexpected) - 1
+        raise UserError(f"import-hf: the weights {what}" + (f" (and {more} more)" if more else ""))
+    for name, shape in expected.items():
+        if found[name][0] != shape:
+            raise UserError(
+                f"import-hf: {name} has shape {list(found[name][0])}, config.json gives "
+                f"{list(shape)}"
+            )
+        if found[name][1] not in FLOAT_DTYPES:
+            raise UserError(f"import-hf: {name} is {found[name][1]}, not a floating-point tensor")
+
+
+def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        if not (hf_dir / name).is_file():
-            raise UserError(f"{hf_dir / name} is missing (named in the safetensors index)")
-        tensors |= load_file(str(hf_dir / name))
+    for path in files:
+        tensors |= load_file(str(path))
     return tensors
 
 
@@ -158,6 +305,8 @@ def _special_ids(hf_dir: Path, hf_config: dict, tok: dict) -> dict[str, int | No
             named = tok_config.get(f"{key}_token")
             named = named.get("content") if isinstance(named, dict) else named
             value = by_content.get(named) if named else None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UserError(f"import-hf: {key}_token_id = {json.dumps(value)[:40]}: expected an id")
         ids[key] = value
     return ids
 
@@ -165,7 +314,11 @@ def _special_ids(hf_dir: Path, hf_config: dict, tok: dict) -> dict[str, int | No
 def convert_tokenizer(hf_dir: Path, hf_config: dict) -> tuple[dict, list[int]]:
     """tokenizer.json with scratchlm's special tokens; and the ids that were added."""
     tok = _read_json(hf_dir / "tokenizer.json")
-    if "model" not in tok or "added_tokens" not in tok:
+    if not (
+        isinstance(tok, dict)
+        and isinstance(tok.get("model"), dict)
+        and isinstance(tok.get("added_tokens"), list)
+    ):
         raise UserError(f"{hf_dir / 'tokenizer.json'} is not a tokenizers tokenizer.json")
     ids = _special_ids(hf_dir, hf_config, tok)
     vocab = tok["model"].setdefault("vocab", {})
@@ -226,31 +379,62 @@ def _fit_vocab(tensors: dict[str, torch.Tensor], cfg: ModelConfig, new_ids: list
     cfg.vocab_size = size
 
 
-def import_hf(hf_dir: Path, run_dir: Path) -> Path:
-    """Write the checkpoint and tokenizer (see the module docstring); returns the checkpoint."""
-    from scratchlm.loading import load
-    from scratchlm.train.checkpoint import save_checkpoint
+@dataclass
+class ImportedCheckpoint:
+    """A Hugging Face checkpoint read, checked and converted, not yet written anywhere."""
 
-    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
+    hf_dir: Path
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]
+    tokenizer: dict[str, Any]
+    added_tokens: list[int]
+
+
+def read_hf_checkpoint(hf_dir: Path) -> ImportedCheckpoint:
+    """config.json, the weights and tokenizer.json, checked against each other and converted;
+    a UserError comes before any weight is loaded and before anything is written."""
+    hf_dir = Path(hf_dir)
     for name in ("config.json", "tokenizer.json"):
         if not (hf_dir / name).is_file():
             raise UserError(f"{hf_dir} has no {name}: import-hf needs a Hugging Face model folder")
     hf_config = _read_json(hf_dir / "config.json")
     cfg = model_config(hf_config)
-    tensors = scratchlm_tensors(read_weights(hf_dir), cfg)
+    files = weight_files(hf_dir)
+    check_weights(files, cfg)
     tokenizer_json, new_ids = convert_tokenizer(hf_dir, hf_config)
+    tensors = scratchlm_tensors(read_weights(files), cfg)
     if new_ids:
         _fit_vocab(tensors, cfg, new_ids)
+    with tempfile.TemporaryDirectory() as scratch:  # the result must load as our tokenizer
+        check = Path(scratch) / "tokenizer.json"
+        check.write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")
+        Tokenizer.load(check)
+    return ImportedCheckpoint(hf_dir, cfg, tensors, tokenizer_json, new_ids)
+
+
+def write_imported_run(imported: ImportedCheckpoint, run_dir: Path) -> Path:
+    """Write the checkpoint and tokenizer (see the module docstring); returns the checkpoint."""
+    from scratchlm.checkpoint import save_checkpoint
+    from scratchlm.loading import load
+
+    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_path = run_dir / "tokenizer.json"
     tmp = run_dir / "tokenizer.json.tmp"
-    tmp.write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")
-    Tokenizer.load(tmp)  # the result must load as a scratchlm tokenizer
-    tmp.replace(tokenizer_path)
+    tmp.write_text(json.dumps(imported.tokenizer, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(run_dir / "tokenizer.json")
     stage = run_dir / "imported"
     if stage.exists():
         shutil.rmtree(stage)
-    state = {"step": 0, "imported_from": str(hf_dir.resolve()), "added_tokens": new_ids}
-    checkpoint = save_checkpoint(stage, 0, tensors, cfg.to_dict(), state)
+    state = {
+        "step": 0,
+        "imported_from": str(imported.hf_dir.resolve()),
+        "added_tokens": imported.added_tokens,
+    }
+    checkpoint = save_checkpoint(stage, 0, imported.tensors, imported.config.to_dict(), state)
     load(checkpoint)  # weights and config fit together
     return checkpoint
+
+
+def import_hf(hf_dir: Path, run_dir: Path) -> Path:
+    """Read and check the checkpoint in hf_dir, then write it as a run; returns the checkpoint."""
+    return write_imported_run(read_hf_checkpoint(hf_dir), run_dir)

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from scratchlm.device import pick_device
 from scratchlm.errors import UserError
 from scratchlm.infer.engine import Engine
 from scratchlm.infer.sampling import SamplingParams
@@ -90,9 +91,12 @@ def chat_in_terminal(
     seed: int | None = None,
     device: str = "cpu",
 ) -> None:
-    from scratchlm.loading import load
+    from scratchlm.loading import describe_checkpoint, from_checkpoint, read_checkpoint
 
-    model, tokenizer = load(path, device=device)
+    target = pick_device(device, "--device")
+    ckpt = read_checkpoint(path)
+    print(f"chat: loaded {describe_checkpoint(ckpt, path)}", file=sys.stderr, flush=True)
+    model, tokenizer = from_checkpoint(ckpt, device=target)
     context = model.config.max_seq_len
     engine = Engine(model, tokenizer, max_batch=1, cache_tokens=context)
     conversation = Conversation(tokenizer, context, min(max_new_tokens, context // 2), system)

@@ -17,7 +17,8 @@ Batch API (many prompts, each with its own settings; returns when all are done):
     )
     outs[0].token_ids       # the new token ids
     outs[0].logprobs        # their log-probabilities under the model (logprobs=0 or more)
-    outs[0].finish_reason   # "stop" (a stop token or string), "length" (max_tokens or context)
+    outs[0].finish_reason   # "stop" (a stop token or string), "length" (max_tokens or context),
+                            # "error" (its logits could not be sampled: NaN or inf)
     outs[0].text            # the decoded new text, cut before a stop string (with a tokenizer)
 
 One SamplingParams applies to every prompt. Log-probabilities are those of the model's own
@@ -50,7 +51,6 @@ from dataclasses import dataclass, field
 import torch
 
 from scratchlm.errors import UserError
-from scratchlm.infer.fast_forward import InferenceForward
 from scratchlm.infer.kv_cache import PagedKVCache, PagedStep, plan_step
 from scratchlm.infer.sampling import SamplingParams, sample_rows, token_logprobs
 from scratchlm.model import Transformer
@@ -140,7 +140,6 @@ class Engine:
             device=self.device,
             dtype=weight.dtype,
         )
-        self.fast_forward = InferenceForward.for_model(model)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
@@ -280,12 +279,8 @@ class Engine:
         position_tensor = torch.tensor(positions, device=device).view(-1, 1)
         context = PagedStep(self.cache, plan, position_tensor)
         row_tensor = None if len(rows) == len(tokens) else torch.tensor(rows, device=device)
-        if self.fast_forward is not None:
-            logits = self.fast_forward(token_tensor, context, row_tensor)
-            logits = logits[:, 0] if row_tensor is None else logits
-        else:
-            logits = self.model(token_tensor, context=context)[:, 0]
-            logits = logits if row_tensor is None else logits[row_tensor]
+        logits = self.model(token_tensor, context=context, outputs_at=row_tensor)
+        logits = logits[:, 0] if row_tensor is None else logits
         self.steps += 1
 
         sampling: list[tuple[Request, int]] = [(r, i) for i, r in enumerate(decode)]
@@ -330,7 +325,11 @@ class Engine:
         rows = logits[[i for _, i in sampling]] if len(sampling) < len(logits) else logits
         requests = [r for r, _ in sampling]
         chosen = sample_rows(rows, [r.params for r in requests], [r.generator for r in requests])
-        wants = [i for i, r in enumerate(requests) if r.logprobs is not None]
+        # A request whose logits could not be sampled ends alone; its neighbours go on.
+        for r, token in zip(requests, chosen, strict=True):
+            if token is None:
+                self._finish(r, "error")
+        wants = [i for i, r in enumerate(requests) if r.logprobs is not None and not r.finished]
         if wants:
             top = max(requests[i].params.logprobs for i in wants)
             lp, alternatives = token_logprobs(
@@ -341,7 +340,8 @@ class Engine:
                 if requests[i].top_logprobs is not None:
                     requests[i].top_logprobs.append(alternatives[j][: requests[i].params.logprobs])
         for r, token in zip(requests, chosen, strict=True):
-            self._append(r, token)
+            if token is not None:
+                self._append(r, token)
 
     def _append(self, r: Request, token: int) -> None:
         params = r.params

@@ -10,16 +10,19 @@ import torch
 from scratchlm.errors import UserError
 
 MAX_TOP_LOGPROBS = 20
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this sample greedily (as vLLM's do): float32 logits divided by 1e-39
+overflow to inf, and softmax then gives NaN."""
 
 
 @dataclass
 class SamplingParams:
     """How one request is sampled and when it stops.
 
-    temperature 0 is greedy. top_k 0 and top_p 1 keep every token. Generation stops after
-    max_tokens new tokens, at a token of stop_token_ids (not part of the output unless
-    include_stop_token), at the first occurrence of a string of `stop` in the decoded text (the text
-    is cut before it), or when the model's context is full.
+    temperature 0 (or below MIN_TEMPERATURE) is greedy. top_k 0 and top_p 1 keep every token.
+    Generation stops after max_tokens new tokens, at a token of stop_token_ids (not part of the
+    output unless include_stop_token), at the first occurrence of a string of `stop` in the decoded
+    text (the text is cut before it), or when the model's context is full.
 
     logprobs: None for none, 0 for each new token's log-probability under the model (before
     temperature and filtering), k > 0 for that and the k most likely alternatives. prompt_logprobs
@@ -51,6 +54,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
                 raise UserError(f"{name} must be between 0 and {MAX_TOP_LOGPROBS}, got {value}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise UserError(f"seed must be between -2**63 and 2**64 - 1, got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise UserError("stop strings must be non-empty strings")
 
@@ -66,7 +71,7 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches p.
 
-    The most likely token is always kept; p >= 1 keeps all.
+    The most likely token is always kept (even when p, as float32, is 0); p >= 1 keeps all.
     """
     if p >= 1.0:
         return logits
@@ -74,6 +79,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     probs = sorted_logits.softmax(-1)
     # A token is dropped when the tokens before it already reach p.
     drop_sorted = probs.cumsum(-1) - probs >= p
+    drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -85,8 +91,9 @@ def sample_next(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> int:
-    """One token id from the last position's logits [V]; temperature 0 is greedy."""
-    if temperature == 0:
+    """One token id from the last position's logits [V]; a temperature below MIN_TEMPERATURE is
+    greedy."""
+    if temperature < MIN_TEMPERATURE:
         return int(logits.argmax())
     logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
@@ -94,21 +101,25 @@ def sample_next(
 
 def sample_rows(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
-) -> list[int]:
+) -> list[int | None]:
     """One token per row of logits [R, V], each row with its own settings and generator.
 
     Greedy rows share one argmax; a sampled row draws from its own generator, so its tokens do not
-    depend on which other requests share the step.
+    depend on which other requests share the step. A row whose draw fails (NaN or inf in its
+    logits) gets None, and the other rows their tokens as if it were not there.
     """
-    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
-    tokens = [0] * len(params)
+    greedy = [i for i, p in enumerate(params) if p.temperature < MIN_TEMPERATURE]
+    tokens: list[int | None] = [0] * len(params)
     if greedy:
         rows = logits if len(greedy) == len(params) else logits[greedy]
         for i, token in zip(greedy, rows.argmax(-1).tolist(), strict=True):
             tokens[i] = token
     for i, p in enumerate(params):
-        if p.temperature != 0:
-            tokens[i] = sample_next(logits[i], p.temperature, p.top_k, p.top_p, generators[i])
+        if p.temperature >= MIN_TEMPERATURE:
+            try:
+                tokens[i] = sample_next(logits[i], p.temperature, p.top_k, p.top_p, generators[i])
+            except RuntimeError:  # torch.multinomial refuses a distribution with NaN or inf
+                tokens[i] = None
     return tokens
 
 

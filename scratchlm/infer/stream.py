@@ -6,8 +6,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from scratchlm.device import pick_device
 from scratchlm.infer.generate import generate
-from scratchlm.loading import load
+from scratchlm.loading import describe_checkpoint, from_checkpoint, read_checkpoint
 
 
 def streamable_text(text: str, stops: Sequence[str] = (), finished: bool = False) -> str:
@@ -34,8 +35,14 @@ def stream_to_terminal(
     seed: int | None,
     device: str = "cpu",
 ) -> str:
-    """Print the prompt, then each new piece of text as soon as it decodes to whole characters."""
-    model, tokenizer = load(path, device=device)
+    """Print the prompt, then each new piece of text as soon as it decodes to whole characters.
+
+    A device that is not there is refused before the model loads (the CLI checks the sampling
+    options before that)."""
+    target = pick_device(device, "--device")
+    ckpt = read_checkpoint(path)
+    print(f"generate: loaded {describe_checkpoint(ckpt, path)}", file=sys.stderr, flush=True)
+    model, tokenizer = from_checkpoint(ckpt, device=target)
     ids = tokenizer.encode(prompt, add_bos=True)
     sys.stdout.write(prompt)
     sys.stdout.flush()

@@ -6,9 +6,10 @@ The optimizer is scratchlm's own AdamW (a client optimizer, so DeepSpeed compile
 Adam kernels), and the trainer keeps setting its learning rate every step.
 
 Checkpoints hold the full weights, gathered from the ZeRO partitions into the single-file format,
-so they load, export and resume at any layout. DeepSpeed's partitioned optimizer state is pickled
-Python objects, which scratchlm does not load; a resumed DeepSpeed run restarts the AdamW moments
-and says so.
+so they load, export and resume at any layout. DeepSpeed's own checkpoints (its partitioned
+optimizer state) are torch.save pickles that `engine.load_checkpoint` reads with full pickle, so
+scratchlm never calls it (tests/test_checkpoint_hostile.py checks): a resumed DeepSpeed run
+restarts the AdamW moments and says so.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Routes: GET / (the chat page), GET /health, GET /metrics, GET /v1/models, POST /
 POST /v1/chat/completions, and vLLM's GET /tokenizer_info, POST /tokenize and POST /detokenize
 (lm-evaluation-harness tokenizes through them). Errors use OpenAI's shape
 {"error": {"message", "type", "param", "code"}}.
+
+Parsing, validating and tokenizing a request run in worker threads (the tokenizer releases the
+GIL), so a large request never stalls the event loop that answers /health and streams tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -35,6 +44,8 @@ from scratchlm.serve.protocol import (
 from scratchlm.serve.streams import Generation
 from scratchlm.tokenizer import CHAT_TEMPLATE_JINJA, Tokenizer
 
+BODY_TIMEOUT_SECONDS = 30.0
+"""A request body not in whole within this time of its headers is refused with 408."""
 PUBLIC_PATHS = ("/health", "/", "/favicon.ico")
 ROUTES = (
     "/",
@@ -68,10 +79,18 @@ def _error(status: int, message: str, kind: str | None = None, param=None, code=
 
 
 class Guard:
-    """ASGI middleware: the API key, the body size limit and the request counter."""
+    """ASGI middleware: the API key, the body size and time limits and the request counter."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        app,
+        api_key: str | None,
+        max_body_bytes: int,
+        metrics: Metrics,
+        body_timeout: float = BODY_TIMEOUT_SECONDS,
+    ) -> None:
         self.app, self.api_key, self.max_body, self.metrics = app, api_key, max_body_bytes, metrics
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -121,8 +140,13 @@ class Guard:
         if length.isdigit() and int(length) > self.max_body:
             return b"", _error(413, f"the request body is over {self.max_body} bytes")
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                return b"", _error(408, f"the request body did not arrive in {self.body_timeout} s")
             if message["type"] == "http.disconnect":
                 return b"", _error(400, "the client went away")
             size += len(message.get("body", b""))
@@ -157,6 +181,7 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = 4 << 20,
     drain_seconds: float = 30.0,
+    body_timeout: float = BODY_TIMEOUT_SECONDS,
 ) -> FastAPI:
     metrics = Metrics()
     with_specials = HFTokenizer.from_file(str(tokenizer.path))
@@ -171,7 +196,13 @@ def create_app(
         await asyncio.to_thread(runner.stop, drain_seconds)
 
     app = FastAPI(title="scratchlm", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        Guard,
+        api_key=api_key,
+        max_body_bytes=max_body_bytes,
+        metrics=metrics,
+        body_timeout=body_timeout,
+    )
     static = resources.files("scratchlm.serve") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
@@ -233,27 +264,26 @@ def create_app(
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        body = _parse(await request.body(), TokenizeRequest)
-        # As vLLM's: special-token spellings in the text become those tokens.
-        ids = with_specials.encode(body.prompt, add_special_tokens=False).ids
-        if body.add_special_tokens:
-            ids = [tokenizer.bos_id, *ids]
-        return {"tokens": ids, "count": len(ids), "max_model_len": context}
+        body = await asyncio.to_thread(_parse, await request.body(), TokenizeRequest)
+        ids = await asyncio.to_thread(_tokenize, body, tokenizer, with_specials)
+        # A million ids take seconds through FastAPI's encoder: rendered in the thread instead.
+        reply = {"tokens": ids, "count": len(ids), "max_model_len": context}
+        return Response(await asyncio.to_thread(json.dumps, reply), media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        body = _parse(await request.body(), DetokenizeRequest)
+        body = await asyncio.to_thread(_parse, await request.body(), DetokenizeRequest)
         if any(t >= tokenizer.vocab_size for t in body.tokens):
             raise ApiError(400, f"token ids must be below {tokenizer.vocab_size}", "tokens")
-        return {"prompt": tokenizer.decode(body.tokens)}
+        return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = _parse(await request.body(), CompletionRequest)
+        body = await asyncio.to_thread(_parse, await request.body(), CompletionRequest)
         check_model(body.model)
         if body.stream and body.logprobs is not None:
             raise ApiError(400, "logprobs with stream is not supported", "logprobs")
-        prompts = _completion_prompts(body.prompt, tokenizer)
+        prompts = await asyncio.to_thread(_completion_prompts, body.prompt, tokenizer)
         generation = _start(runner, tokenizer, body, prompts, context, completion=True)
         if body.stream:
             return _sse(generation.stream_completion(request, model_name, body.echo))
@@ -261,13 +291,9 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = _parse(await request.body(), ChatRequest)
+        body = await asyncio.to_thread(_parse, await request.body(), ChatRequest)
         check_model(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
-        except UserError as e:
-            raise ApiError(400, str(e), "messages") from None
+        prompt = await asyncio.to_thread(_chat_prompt, body.messages, tokenizer)
         generation = _start(runner, tokenizer, body, [(prompt, None)], context, completion=False)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -280,6 +306,26 @@ def create_app(
 def _sse(events) -> StreamingResponse:
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+
+def _tokenize(body: TokenizeRequest, tokenizer: Tokenizer, with_specials: HFTokenizer) -> list[int]:
+    """/tokenize's ids, or its messages' through the chat template."""
+    if body.messages is not None:
+        return _chat_prompt(body.messages, tokenizer, body.add_generation_prompt)
+    # As vLLM's: special-token spellings in the text become those tokens.
+    # (The batch call releases the GIL while it works; encode holds it.)
+    [encoding] = with_specials.encode_batch_fast([body.prompt], add_special_tokens=False)
+    ids = encoding.ids
+    return [tokenizer.bos_id, *ids] if body.add_special_tokens else ids
+
+
+def _chat_prompt(messages, tokenizer: Tokenizer, add_generation_prompt: bool = True) -> list[int]:
+    plain = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        ids, _ = tokenizer.encode_chat(plain, add_generation_prompt=add_generation_prompt)
+    except UserError as e:
+        raise ApiError(400, str(e), "messages") from None
+    return ids
 
 
 def _completion_prompts(prompt, tokenizer: Tokenizer) -> list[tuple[list[int], str | None]]:

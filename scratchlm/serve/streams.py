@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator
 
@@ -63,6 +64,7 @@ class Generation:
             _wakers[loop] = _LoopWaker(loop)
         self._waker = _wakers[loop]
         self._changed: asyncio.Queue[int] = asyncio.Queue()
+        self._checked_at = time.monotonic()
 
     def submit(self, ids: list[int], params: dict, prompt_text: str | None) -> None:
         index = len(self.requests)
@@ -81,13 +83,19 @@ class Generation:
                 self.runner.cancel(r)
 
     async def _next_change(self, http: HttpRequest) -> int | None:
-        """The index of a request that changed; None when the client has gone away."""
+        """The index of a request that changed; None when the client has gone away.
+
+        The client is checked every DISCONNECT_POLL_SECONDS even while tokens keep coming: a
+        client that waits for a whole answer and hangs up must not hold its slot to the end."""
         while True:
+            if time.monotonic() - self._checked_at >= DISCONNECT_POLL_SECONDS:
+                self._checked_at = time.monotonic()
+                if await http.is_disconnected():
+                    return None
             try:
                 return await asyncio.wait_for(self._changed.get(), DISCONNECT_POLL_SECONDS)
             except TimeoutError:
-                if await http.is_disconnected():
-                    return None
+                continue
 
     async def wait(self, http: HttpRequest) -> bool:
         """Until every request is done: True, or False when the client went away first."""

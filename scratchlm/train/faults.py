@@ -7,7 +7,7 @@
   steps in a row the run stops with a checkpoint. Either way one line names the step and what to
   change.
 - Out of GPU memory: one line suggesting a smaller micro-batch or activation checkpointing.
-A full disk is the checkpoint writer's (train/checkpoint.py, scratchlm.disk).
+A full disk is the checkpoint writer's (scratchlm/checkpoint/, scratchlm.disk).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from scratchlm import disk, runlock
+from scratchlm.checkpoint.folder import TMP_PREFIX, list_checkpoints, remove_stale
 from scratchlm.config import TrainConfig
 from scratchlm.errors import RunFault
-from scratchlm.train import checkpoint as ckpt
 
 
 def take_run_folder(owner: object, stage: str, run_dir: Path, stage_dir: Path) -> Callable:
@@ -34,8 +34,8 @@ def take_run_folder(owner: object, stage: str, run_dir: Path, stage_dir: Path) -
     disk.check_writable(stage_dir, "checkpoint folder")
     runlock.acquire(run_dir)
     unlock = weakref.finalize(owner, runlock.release, run_dir)
-    names, freed = ckpt.remove_stale(stage_dir)
-    run_names, run_freed = disk.remove_stale(run_dir, [f"{ckpt.TMP_PREFIX}*"])
+    names, freed = remove_stale(stage_dir)
+    run_names, run_freed = disk.remove_stale(run_dir, [f"{TMP_PREFIX}*"])
     disk.say_removed(stage, names + run_names, freed + run_freed)
     return unlock
 
@@ -62,7 +62,7 @@ class NonFinitePolicy:
         self.skipped_steps += 1
         self._values = self._describe(bad)
         if self.cfg.on_nonfinite == "stop":
-            latest = ckpt.list_checkpoints(stage_dir)
+            latest = list_checkpoints(stage_dir)
             then = f"continue from {latest[-1].name} with --resume" if latest else "start again"
             raise RunFault(
                 f"{self.stage}: non-finite values at step {step} ({self._values}); the update "

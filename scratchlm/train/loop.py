@@ -9,7 +9,8 @@ the same way for every stage:
 - micro-batches and gradient accumulation, clipping, the optimizer and its schedule, compile;
 - the time budget, the progress bar and metrics.jsonl, every row tagged with its stage;
 - atomic checkpoints that resume exactly (weights, optimizer moments, schedule position, data
-  position, RNG states), and SIGINT/SIGTERM, which finish the step and save before stopping;
+  position, RNG states), through scratchlm.checkpoint's manager (`save`, `restore`), and
+  SIGINT/SIGTERM, which finish the step and save before stopping;
 - the faults of a long run (train/faults.py): the run folder's lock, a full disk, a non-finite
   loss (on_nonfinite = "stop" | "skip"), running out of GPU memory, each one line.
 
@@ -26,7 +27,6 @@ PPO trains a second model (the value model) in the same session: `session.traine
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import time
@@ -39,12 +39,12 @@ from torch import nn
 from tqdm import tqdm
 
 from scratchlm import parallel
+from scratchlm.checkpoint import Checkpoint
+from scratchlm.checkpoint.manager import CheckpointManager
 from scratchlm.config import ParallelConfig, TrainConfig
 from scratchlm.device import Runtime, pick_runtime
 from scratchlm.errors import UserError
-from scratchlm.parallel.deepspeed import DeepSpeedRunner, warn_optimizer_restart
-from scratchlm.train import checkpoint as ckpt
-from scratchlm.train import distributed_checkpoint as dckpt
+from scratchlm.parallel.deepspeed import DeepSpeedRunner
 from scratchlm.train import faults
 from scratchlm.train.metrics import MetricsLog, drop_rows
 from scratchlm.train.optim import build_optimizer, lr_factor
@@ -241,10 +241,15 @@ class Session:
         self.trainers: dict[str, Trainer] = {}
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.nonfinite = faults.NonFinitePolicy(stage, cfg)
-        self.restored: ckpt.Checkpoint | None = None
-        if resume and ckpt.list_checkpoints(self.stage_dir):
-            # A sharded checkpoint is read after the model is split; a single-file one before.
-            self.restored = ckpt.load_checkpoint(self.stage_dir, consolidate=False)
+        self.checkpoints = CheckpointManager(
+            self.stage_dir,
+            self.dist,
+            parallel_cfg.engine,
+            cfg.keep_checkpoints,
+            plain_optimizer=lambda model: build_optimizer(model, cfg),
+        )
+        self.restored: Checkpoint | None = self.checkpoints.resume() if resume else None
+        if self.restored is not None:
             state = self.restored.trainer_state
             self.step, self.tokens_seen = state["step"], state.get("tokens_seen", 0)
             self.elapsed_before = state.get("elapsed", 0.0)
@@ -308,27 +313,15 @@ class Session:
             raise ValueError(f"a trainer named {name!r} exists already")
         if (self.dist.pipeline is not None or self.dist.deepspeed is not None) and self.trainers:
             raise UserError(f"{self.stage} trains several models: pipeline and DeepSpeed train one")
-        model_config = model.config
-        config = model_config.to_dict()
-        restored = self.restored
-        if restored is not None and not dckpt.is_sharded(restored.path):
-            ckpt.load_weights(model, restored.part(name)[0])
-        model = parallel.apply(
-            model, self.dist, self.parallel_cfg, self.runtime, accum, pipeline_loss
-        )
-        optimizer = build_optimizer(model, self.cfg, no_decay_names=self.dist.tied_copies)
-        if restored is not None:
-            if dckpt.is_sharded(restored.path):
-                dckpt.load_sharded(restored.path, model, optimizer, part=name)
-            elif self.parallel_cfg.engine == "deepspeed":
-                warn_optimizer_restart()
-            elif (opt_state := restored.optimizer_state(name)) is not None:
-                if self.dist.sharded:
-                    dckpt.load_full_optimizer_state(
-                        model, optimizer, opt_state, model_config, self.cfg
-                    )
-                else:
-                    optimizer.load_state_dict(opt_state)
+        config = model.config.to_dict()
+
+        def prepare(plain: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer]:
+            split = parallel.apply(
+                plain, self.dist, self.parallel_cfg, self.runtime, accum, pipeline_loss
+            )
+            return split, build_optimizer(split, self.cfg, no_decay_names=self.dist.tied_copies)
+
+        model, optimizer = self.checkpoints.restore(name, model, prepare)
         if self.parallel_cfg.engine == "deepspeed":  # DeepSpeed owns model and optimizer from here
             self.dist.deepspeed = DeepSpeedRunner(
                 model, optimizer, self.parallel_cfg, self.cfg.grad_clip, self.runtime, micro, accum
@@ -348,37 +341,8 @@ class Session:
             "rng": get_rng_state(),
             **{key: obj.state_dict() for key, obj in stateful.items()},
         }
-        keep = self.cfg.keep_checkpoints
         parts = {name: t.part() for name, t in self.trainers.items()}
-        if self.dist.sharded:  # every rank writes its own shards
-            return dckpt.save_sharded(
-                self.stage_dir, self.step, parts, trainer_state, self.dist, keep=keep
-            )
-        deepspeed = self.dist.deepspeed
-        path = self.stage_dir / f"step-{self.step:06d}"
-        with deepspeed.full_weights() if deepspeed else contextlib.nullcontext():
-            if self.dist.is_main:
-                saved = {
-                    name: (
-                        ckpt.model_tensors(parallel.unwrap(model)),
-                        config,
-                        None if deepspeed else optimizer.state_dict(),
-                    )
-                    for name, (model, optimizer, config) in parts.items()
-                }
-                tensors, config, optimizer_state = saved.pop("model")
-                path = ckpt.save_checkpoint(
-                    self.stage_dir,
-                    self.step,
-                    tensors,
-                    config,
-                    trainer_state,
-                    optimizer_state,
-                    keep,
-                    others=saved,
-                )
-        self.dist.barrier()
-        return path
+        return self.checkpoints.save(self.step, trainer_state, parts)
 
     def run(
         self,

@@ -15,6 +15,7 @@ from scratchlm.config import Recipe
 from scratchlm.errors import UserError
 from scratchlm.evaluate.bpb import evaluate_bpb
 from scratchlm.evaluate.run import check_task_names, in_loop_scores
+from scratchlm.loading import load_model
 from scratchlm.model import ModelConfig, Transformer, cross_entropy_loss
 from scratchlm.shards import TokenLoader, check_tokenizer, read_meta
 from scratchlm.tokenizer import Tokenizer
@@ -45,8 +46,6 @@ def initial_model(recipe: Recipe, say) -> Transformer:
     """A fresh model of the recipe's [model] section, or the one pretrain.init_from names."""
     if not recipe.pretrain.init_from:
         return Transformer(model_config_from(recipe))
-    from scratchlm.loading import load_model
-
     model, source = load_model(Path(recipe.pretrain.init_from))
     say(f"pretrain: starting from the weights of {source} (its architecture, not [model]'s)")
     return model.train()

@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { messages: [], model: null, controller: null };
+const state = { messages: [], model: null, context: null, controller: null };
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -26,7 +26,9 @@ async function loadModel() {
     const body = await response.json();
     if (!response.ok) throw new Error(body.error ? body.error.message : response.statusText);
     state.model = body.data[0].id;
-    $("model").textContent = "model: " + state.model;
+    state.context = body.data[0].max_model_len || null;
+    $("model").textContent = "model: " + state.model +
+      (state.context ? " (context " + state.context + " tokens)" : "");
   } catch (err) {
     $("model").textContent = "no model: " + err.message;
   }
@@ -57,25 +59,69 @@ async function readEvents(response, onData) {
   }
 }
 
+function withSystem(system) {
+  return system ? [{ role: "system", content: system }, ...state.messages] : state.messages;
+}
+
+async function countTokens(messages) {
+  const response = await fetch("/tokenize", {
+    method: "POST", headers: headers(),
+    body: JSON.stringify({ model: state.model, messages: messages, add_generation_prompt: true }),
+  });
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error ? body.error.message : response.statusText);
+  return body.count;
+}
+
+// As `scratchlm chat` does: keep room for an answer of min(max tokens, half the context), dropping
+// the oldest exchanges while the conversation does not leave it (the system prompt stays); then
+// ask for as many tokens as fit. Returns the messages, max_tokens and how many messages went.
+async function fitToContext(system, wanted) {
+  if (!state.context) return { messages: withSystem(system), maxTokens: wanted, dropped: 0 };
+  const reserve = Math.min(wanted, Math.floor(state.context / 2));
+  let dropped = 0;
+  let count = await countTokens(withSystem(system));
+  while (count + reserve > state.context && state.messages.length > 1) {
+    const cut = state.messages.length > 2 && state.messages[1].role === "assistant" ? 2 : 1;
+    state.messages.splice(0, cut);
+    dropped += cut;
+    count = await countTokens(withSystem(system));
+  }
+  if (count >= state.context) {
+    throw new Error("the conversation needs " + count + " tokens; the model's context is " +
+      state.context);
+  }
+  const maxTokens = Math.min(wanted, state.context - count);
+  return { messages: withSystem(system), maxTokens: maxTokens, dropped: dropped };
+}
+
 async function send(text) {
   if (!state.model) await loadModel();
   state.messages.push({ role: "user", content: text });
   addMessage("user", text);
   const bubble = addMessage("assistant", "");
   const system = $("system").value.trim();
-  const messages = system ? [{ role: "system", content: system }, ...state.messages] : state.messages;
-  const request = {
-    model: state.model,
-    messages: messages,
-    stream: true,
-    temperature: parseFloat($("temperature").value),
-    max_tokens: parseInt($("max-tokens").value, 10),
-  };
   state.controller = new AbortController();
   setBusy(true);
   let answer = "";
   let finish = null;
   try {
+    const wanted = Math.max(1, parseInt($("max-tokens").value, 10) || 1);
+    const fitted = await fitToContext(system, wanted);
+    if (fitted.dropped) {
+      const note = document.createElement("div");
+      note.className = "note dropped";
+      note.textContent = "(" + fitted.dropped + " older message" + (fitted.dropped > 1 ? "s" : "") +
+        " left out to fit the model's context of " + state.context + " tokens)";
+      $("log").insertBefore(note, bubble.previousElementSibling);
+    }
+    const request = {
+      model: state.model,
+      messages: fitted.messages,
+      stream: true,
+      temperature: parseFloat($("temperature").value),
+      max_tokens: fitted.maxTokens,
+    };
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(request),
       signal: state.controller.signal,
@@ -142,4 +188,5 @@ $("temperature").addEventListener("input", () => {
   $("temperature-value").textContent = $("temperature").value;
 });
 $("api-key").addEventListener("change", loadModel);
+if (window.matchMedia("(max-width: 700px)").matches) $("settings").open = false;
 loadModel();

@@ -8,6 +8,7 @@ Every rank writes its own shards in parallel. Keys are the plain model's paramet
 resumes at another, down to one process without a process group. `consolidate` reads the full
 weights back without a model, which is how `load` and `scratchlm export` read a sharded
 checkpoint. The folder is written under a temporary name and renamed, as single-file ones are.
+Every read goes through `scratchlm.checkpoint.safe_dcp`, which never unpickles code.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -35,15 +37,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from scratchlm import disk
-from scratchlm.config import TrainConfig
-from scratchlm.model import ModelConfig, Transformer
-from scratchlm.train import checkpoint as ckpt
-from scratchlm.train.optim import build_optimizer
+from scratchlm.checkpoint import folder, safe_dcp
+from scratchlm.checkpoint.safe_dcp import DCP_METADATA
+from scratchlm.errors import UserError
 
 if TYPE_CHECKING:
     from scratchlm.parallel import DistInfo
-
-DCP_METADATA = ".metadata"
 
 
 def is_sharded(path: Path) -> bool:
@@ -65,16 +64,16 @@ def save_sharded(
     and every rank stops with the same DiskFull when it will not fit."""
     name = f"step-{step:06d}"
     what = f"checkpoint {name}"
-    tmp = stage_dir / f"{ckpt.TMP_PREFIX}{name}"
+    tmp = stage_dir / f"{folder.TMP_PREFIX}{name}"
     state: dict[str, Any] = {}
     for part, (model, optimizer, _) in parts.items():
         model_state, optim_state = get_state_dict(model, optimizer)
         _state_slot(state, part).update(model=model_state, optim=optim_state)
     needed, free = 0, 0
     if dist.is_main:
-        needed = max(ckpt.estimate_bytes([state]), ckpt.last_checkpoint_bytes(stage_dir))
+        needed = max(folder.estimate_bytes([state]), folder.last_checkpoint_bytes(stage_dir))
         try:
-            ckpt.make_room(stage_dir, what, needed, keep)
+            folder.make_room(stage_dir, what, needed, keep)
             free = needed
         except disk.DiskFull as e:
             free = e.free
@@ -84,19 +83,19 @@ def save_sharded(
     if free < needed:
         if dist.is_main:
             disk.remove(tmp)
-        raise disk.DiskFull(what, stage_dir, needed, free, then=ckpt.RESUME)
+        raise disk.DiskFull(what, stage_dir, needed, free, then=folder.RESUME)
     dist.barrier()
-    with disk.writing(what, stage_dir, needed, [tmp] if dist.is_main else [], then=ckpt.RESUME):
+    with disk.writing(what, stage_dir, needed, [tmp] if dist.is_main else [], then=folder.RESUME):
         dcp.save(state, storage_writer=_writer(tmp))
         if dist.is_main:
             for part, (_, _, config) in parts.items():
                 config_file = "config.json" if part == "model" else f"{part}.config.json"
-                ckpt.write_json(tmp / config_file, config)
-            ckpt.write_json(tmp / "trainer_state.json", trainer_state)
-            ckpt.write_manifest(tmp)
+                folder.write_json(tmp / config_file, config)
+            folder.write_json(tmp / "trainer_state.json", trainer_state)
+            folder.write_manifest(tmp)
     final = stage_dir / name
     if dist.is_main:
-        ckpt.finish_checkpoint(tmp, stage_dir, name, keep)
+        folder.finish_checkpoint(tmp, stage_dir, name, keep)
     dist.barrier()
     return final
 
@@ -151,21 +150,30 @@ def load_sharded(
 
 
 def _dcp_load(state: dict[str, Any], path: Path) -> None:
-    """dcp.load, also on one process without a process group (DCP warns that it assumes so)."""
+    """dcp.load (through safe_dcp), also on one process without a process group (DCP warns that
+    it assumes so)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path), no_dist=not torch.distributed.is_initialized())
+        safe_dcp.load(state, path, no_dist=not torch.distributed.is_initialized())
 
 
 def consolidate(path: Path) -> dict[str, torch.Tensor]:
     """The full model weights of a sharded checkpoint, read on one process without a model."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    model_state: dict[str, torch.Tensor] = {}
-    for key, meta in metadata.state_dict_metadata.items():
-        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata):
-            model_state[key.removeprefix("model.")] = torch.empty(
-                meta.size, dtype=meta.properties.dtype
-            )
+    metadata = safe_dcp.read_metadata_file(path)
+    shapes = {
+        key.removeprefix("model."): meta
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
+    # The index's sizes are allocated before any shard is read: they must fit in the shards.
+    needed = sum(math.prod(m.size) * m.properties.dtype.itemsize for m in shapes.values())
+    shard_bytes = sum(p.stat().st_size for p in path.glob("*.distcp"))
+    if needed > shard_bytes:
+        raise UserError(
+            f"checkpoint {path} is damaged: its {DCP_METADATA} describes {needed:,} bytes of "
+            f"weights, its shards hold {shard_bytes:,}"
+        )
+    model_state = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in shapes.items()}
     _dcp_load({"model": model_state}, path)
     config = json.loads((path / "config.json").read_text())
     if config.get("tie_embeddings") and "tok_embeddings.weight" in model_state:
@@ -173,21 +181,22 @@ def consolidate(path: Path) -> dict[str, torch.Tensor]:
     return model_state
 
 
+def parameter_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of `model`'s parameters in `optimizer`'s order: what the positions in its state
+    dict stand for."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
 def load_full_optimizer_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
-    model_config: ModelConfig,
-    cfg: TrainConfig,
+    ordered: list[str],
 ) -> None:
     """Resume a parallelised optimizer from a single-file checkpoint's optimizer.pt, whose state
-    is keyed by position in the plain model's optimizer: the positions are named through an
-    unsplit model built on the meta device, then each rank takes its part."""
-    with torch.device("meta"):
-        plain = Transformer(model_config)
-    plain_optimizer = build_optimizer(plain, cfg)
-    names = {id(p): n for n, p in plain.named_parameters()}
-    ordered = [names[id(p)] for g in plain_optimizer.param_groups for p in g["params"]]
+    is keyed by position in the unsplit model's optimizer: `ordered` names the positions (see
+    `parameter_order`), then each rank takes its part."""
     by_name = {
         "state": {ordered[int(i)]: s for i, s in state["state"].items()},
         "param_groups": [

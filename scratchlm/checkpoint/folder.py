@@ -1,12 +1,8 @@
-"""Checkpoints: one folder per step, written atomically, verified on load.
+"""A stage's checkpoint folders: one per step, written atomically, verified on load.
 
-    STAGE_DIR/step-000500/  model.safetensors  config.json  trainer_state.json  optimizer.pt
+    STAGE_DIR/step-000500/  the checkpoint's files (consolidated.py or sharded.py)
                             manifest.json (size and sha256 of every other file)
-                            critic.safetensors  critic.config.json  critic.optimizer.pt  (PPO)
     STAGE_DIR/latest -> step-000500
-
-`model` is the stage's result (what `load`, `generate` and `export` read); a stage that trains
-more than one model (PPO's value model) stores each other one under its own name.
 
 A checkpoint is written to a temporary folder and renamed into place, and `latest` moves last, so a
 crash never leaves a half-written checkpoint behind `latest`. On load the manifest is checked; a
@@ -23,12 +19,10 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from scratchlm import disk
 from scratchlm.errors import UserError
@@ -39,9 +33,6 @@ TMP_PREFIX = ".tmp-"
 SMALL_FILES_BYTES = 1 << 16
 RESUME = "continue with --resume"
 
-Part = tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]
-"""A trained model in a checkpoint: its tensors, its config and its optimizer state."""
-
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -51,79 +42,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with tied weights stored once (safetensors refuses shared storage)."""
-    seen: dict[int, str] = {}
-    tensors = {}
-    for name, t in model.state_dict().items():
-        ptr = t.data_ptr()
-        if ptr in seen:
-            continue
-        seen[ptr] = name
-        tensors[name] = t.detach().to("cpu").contiguous()
-    return tensors
-
-
-def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Load saved tensors; a weight stored once for tied parameters fills all its names."""
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    shared = {name for name, p in model.named_parameters(remove_duplicate=False)} - {
-        name for name, _ in model.named_parameters()
-    }
-    if unexpected or set(missing) - shared:
-        raise UserError(
-            f"checkpoint weights do not fit the model: missing {sorted(set(missing) - shared)}, "
-            f"unexpected {sorted(unexpected)}"
-        )
-
-
-def save_checkpoint(
-    stage_dir: Path,
-    step: int,
-    tensors: dict[str, torch.Tensor],
-    model_config: dict[str, Any],
-    trainer_state: dict[str, Any],
-    optimizer_state: dict[str, Any] | None = None,
-    keep: int = 2,
-    others: dict[str, Part] | None = None,
-) -> Path:
-    """Write step-NNNNNN atomically, point `latest` at it and keep the newest `keep` checkpoints.
-    `others` are further trained models, by name.
-
-    Free space is checked first against this checkpoint's size (the larger of the last one's and
-    the tensors'); a full disk met anyway leaves no partial folder behind."""
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:06d}"
-    parts = [(tensors, optimizer_state), *((t, o) for t, _, o in (others or {}).values())]
-    needed = max(estimate_bytes(parts), last_checkpoint_bytes(stage_dir))
-    make_room(stage_dir, f"checkpoint {name}", needed, keep)
-    tmp = stage_dir / f"{TMP_PREFIX}{name}-{os.getpid()}"
-    disk.remove(tmp)
-    with disk.writing(f"checkpoint {name}", stage_dir, needed, partial=[tmp], then=RESUME):
-        tmp.mkdir()
-        disk.save_safetensors(tensors, tmp / MODEL_FILE)
-        write_json(tmp / "config.json", model_config)
-        write_json(tmp / "trainer_state.json", trainer_state)
-        if optimizer_state is not None:
-            write_torch(optimizer_state, tmp / "optimizer.pt")
-        for part_name, (part_tensors, part_config, part_optimizer) in (others or {}).items():
-            disk.save_safetensors(part_tensors, tmp / f"{part_name}.safetensors")
-            write_json(tmp / f"{part_name}.config.json", part_config)
-            if part_optimizer is not None:
-                write_torch(part_optimizer, tmp / f"{part_name}.optimizer.pt")
-        write_manifest(tmp)
-    return finish_checkpoint(tmp, stage_dir, name, keep)
-
-
 def write_json(path: Path, data: Any) -> None:
     with disk.open_file(path) as f:
         f.write(json.dumps(data, indent=2).encode())
-
-
-def write_torch(obj: Any, path: Path) -> None:
-    # Through a Python file, so that a full disk reaches us as an OSError with its errno.
-    with disk.open_file(path) as f:
-        torch.save(obj, f)
 
 
 def write_manifest(folder: Path) -> None:
@@ -277,42 +198,3 @@ def resolve_checkpoint(path: Path) -> Path:
             return ckpt
         print(f"warning: checkpoint {ckpt} is damaged ({problem})", file=sys.stderr)
     raise UserError(f"every checkpoint in {path} is damaged")
-
-
-@dataclass
-class Checkpoint:
-    path: Path
-    tensors: dict[str, torch.Tensor]
-    model_config: dict[str, Any]
-    trainer_state: dict[str, Any]
-
-    def optimizer_state(self, name: str = "model") -> dict[str, Any] | None:
-        p = self.path / ("optimizer.pt" if name == "model" else f"{name}.optimizer.pt")
-        return torch.load(p, map_location="cpu", weights_only=True) if p.exists() else None
-
-    def part(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Tensors and config of a trained model stored beside the main one (none if sharded)."""
-        if name == "model":
-            return self.tensors, self.model_config
-        config = json.loads((self.path / f"{name}.config.json").read_text())
-        weights = self.path / f"{name}.safetensors"
-        return (load_file(str(weights)) if weights.exists() else {}), config
-
-
-def load_checkpoint(path: Path, consolidate: bool = True) -> Checkpoint:
-    """A verified checkpoint. A sharded (DCP) one is consolidated into full weights, or, with
-    consolidate=False, comes with no tensors (the trainer loads it shard by shard)."""
-    ckpt = resolve_checkpoint(path)
-    tensors: dict[str, torch.Tensor] = {}
-    if (ckpt / MODEL_FILE).exists():
-        tensors = load_file(str(ckpt / MODEL_FILE))
-    elif consolidate:
-        from scratchlm.train.distributed_checkpoint import consolidate
-
-        tensors = consolidate(ckpt)
-    return Checkpoint(
-        path=ckpt,
-        tensors=tensors,
-        model_config=json.loads((ckpt / "config.json").read_text()),
-        trainer_state=json.loads((ckpt / "trainer_state.json").read_text()),
-    )
