@@ -4,6 +4,10 @@ pairs beside two baselines on the same pairs, and with ppo in align.stages the P
 bench/align_rl.py (win rate over SFT by the reward model, mean rewards, KL, speed).
 
     PYTHONPATH=. python bench/align.py [--run-dir runs/align] [--recipe recipes/align.toml] [--json]
+    PYTHONPATH=. python bench/align.py --quick [--run-dir RUN] [--json]
+
+--quick checks the script in seconds: the recipe at the toy sizes of bench/align_rl.py's
+QUICK_RECIPE, in RUN or, without one, in a temporary folder, and 4 instructions and prompts.
 
 Each figure is one function of the run folder, so later stages add theirs beside these. Prints a
 table, and with --json a last line that is one JSON object.
@@ -16,6 +20,7 @@ import dataclasses
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.align_rl import QUICK_PROMPTS, QUICK_RECIPE  # noqa: E402
+from bench.align_rl import figures as ppo_figures  # noqa: E402
 from scratchlm.align.batches import (  # noqa: E402
     EncodedPair,
     encode_all,
@@ -123,17 +130,27 @@ def reward_from_pretrained(run_dir: Path, recipe: Recipe) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", type=Path, default=ROOT / "runs/align")
+    parser.add_argument("--run-dir", type=Path, help="default: runs/align")
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes/align.toml")
+    parser.add_argument("--quick", action="store_true", help="a check of the script, in seconds")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.run_dir is None:
+            args.run_dir = Path(tmp) if args.quick else ROOT / "runs/align"
+        report(args)
+
+
+def report(args: argparse.Namespace) -> None:
+    """Runs the recipe in args.run_dir (what is up to date is skipped), then prints the figures."""
     start = time.time()
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, QUICK_RECIPE if args.quick else [])
+    prompts, answer_tokens = (QUICK_PROMPTS, 16) if args.quick else (200, 128)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, args.run_dir / "recipe.toml")
     run_pipeline(recipe, args.run_dir)
 
-    figures = sft_figures(args.run_dir, recipe)
+    figures = sft_figures(args.run_dir, recipe, prompts, answer_tokens)
     tokenizer = load(args.run_dir / "reward")[1]
     context = load_recipe(args.run_dir / "recipe.toml").model.max_seq_len
     pairs = held_out_pairs(recipe, tokenizer, context)
@@ -152,14 +169,13 @@ def main() -> None:
     )
 
     if "ppo" in recipe.align.stages:
-        from bench.align_rl import figures as ppo_figures
-
-        figures.update(ppo_figures(args.run_dir, n_prompts=200, seed=0))
+        figures.update(ppo_figures(args.run_dir, n_prompts=prompts, seed=0))
 
     print(f"\nalignment figures of {args.run_dir} (fp32, torch {torch.__version__}, CPU)")
     print(f"{'figure':<52}{'value':>10}  95% interval")
     rows = [
-        (f"SFT: answers ending with <|end|> in 128 tokens (n={figures['sft_instructions']})",
+        (f"SFT: answers ending with <|end|> in {answer_tokens} tokens "
+         f"(n={figures['sft_instructions']})",
          figures["sft_eot_rate"], figures["sft_eot_ci95"]),
         (f"SFT: validation loss, assistant tokens ({figures['sft_val_chats']} chats)",
          figures["sft_val_loss"], None),

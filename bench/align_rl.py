@@ -10,6 +10,10 @@ training tokens/s and the share of each step spent generating.
 
     scratchlm pipeline RECIPE --run-dir runs/align   # with align.stages = ["sft", "reward", "ppo"]
     python bench/align_rl.py --run-dir runs/align [--prompts 200] [--json]
+    python bench/align_rl.py --quick [--run-dir RUN] [--json]
+
+--quick checks the script in seconds: 4 prompts, on RUN or, without one, on a run of
+recipes/align.toml at toy sizes (QUICK_RECIPE) made in a temporary folder.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -37,8 +42,41 @@ from scratchlm.align.rl import (  # noqa: E402
 from scratchlm.align.rollout import build_rows, score_rows  # noqa: E402
 from scratchlm.align.stage import language_model, tokenizer_for  # noqa: E402
 from scratchlm.checkpoint import load_checkpoint  # noqa: E402
-from scratchlm.config import load_recipe  # noqa: E402
+from scratchlm.config import load_recipe, save_recipe  # noqa: E402
+from scratchlm.pipeline import run_pipeline  # noqa: E402
 from scratchlm.train.metrics import read_metrics  # noqa: E402
+
+# --quick: recipes/align.toml at toy sizes, every stage for a step or two (here and bench/align.py).
+QUICK_RECIPE = [
+    "data.inputs=['data/web/c4_demo.jsonl.gz']",
+    "model.dim=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.vocab_size=512",
+    *[f"{stage}.{key}" for stage in ("pretrain", "sft", "reward", "ppo") for key in (
+        "max_steps=2", "warmup_steps=1", "eval_every=2", "save_every=2", "micro_batch_size=4"
+    )],
+    "pretrain.tokens_per_step=1024",
+    "pretrain.eval_tokens=1024",
+    "sft.rows_per_step=4",
+    "reward.pairs_per_step=4",
+    "ppo.rollout_batch=4",
+    "ppo.minibatch_size=4",
+    "ppo.max_new_tokens=8",
+    "ppo.eval_prompts=4",
+    "align.max_new_tokens=8",
+    "sample.max_new_tokens=8",
+]  # fmt: skip
+QUICK_PROMPTS = 4
+
+
+def quick_run(run_dir: Path) -> Path:
+    """recipes/align.toml with QUICK_RECIPE, through PPO, in run_dir."""
+    recipe = load_recipe(ROOT / "recipes/align.toml", QUICK_RECIPE)
+    save_recipe(recipe, run_dir / "recipe.toml")
+    run_pipeline(recipe, run_dir, until="ppo")
+    return run_dir
 
 
 def figures(run_dir: Path, n_prompts: int, seed: int) -> dict:
@@ -103,15 +141,23 @@ def figures(run_dir: Path, n_prompts: int, seed: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run-dir", type=Path, required=True, help="a run with sft, reward, ppo")
+    parser.add_argument("--run-dir", type=Path, help="a run with sft, reward, ppo (required)")
     parser.add_argument("--prompts", type=int, default=200, help="held-out prompts to answer")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a check of the script, in seconds")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    f = figures(args.run_dir, args.prompts, args.seed)
+    if args.quick:  # new defaults; options given on the command line still win
+        parser.set_defaults(prompts=QUICK_PROMPTS)
+        args = parser.parse_args()
+    if args.run_dir is None and not args.quick:
+        parser.error("--run-dir is required")
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = args.run_dir or quick_run(Path(tmp))
+        f = figures(run_dir, args.prompts, args.seed)
     low, high = f["ppo_win_rate_ci95"]
     n = f["ppo_prompts"]
-    print(f"PPO vs SFT on {n} held-out prompts of {args.run_dir} (the reward model's scores)")
+    print(f"PPO vs SFT on {n} held-out prompts of {run_dir} (the reward model's scores)")
     print(f"{'':28}{'SFT':>10}{'PPO':>10}")
     print(f"{'mean reward':28}{f['sft_mean_reward']:>10.3f}{f['ppo_mean_reward']:>10.3f}")
     print(f"{'answers that end':28}{f['sft_end_rate']:>10.1%}{f['ppo_end_rate']:>10.1%}")

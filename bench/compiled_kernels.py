@@ -8,6 +8,7 @@ alike. A kernel stays a custom op under compile on CPU (scratchlm.kernels.COMPIL
 where the step is faster with it. Compiling each variant takes 30-60 s on a 2-core CPU.
 
     PYTHONPATH=. python bench/compiled_kernels.py [--preset default|tiny] [--steps 6] [--json]
+    PYTHONPATH=. python bench/compiled_kernels.py --quick [--json]   # preset quick, 1 step
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
+    parser.add_argument("--quick", action="store_true", help="a check of the script: preset quick")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.quick:  # new defaults; options given on the command line still win
+        parser.set_defaults(preset="quick", steps=1)
+        args = parser.parse_args()
     shape = dict(PRESETS[args.preset])
     seq, batch = shape.pop("seq"), shape.pop("batch")
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Curation speed: the local and the Ray executor, and scratchlm against datatrove, in one run.
 
-    python bench/curate.py [--repeats N] [--json] [--skip-datatrove] [--skip-ray]
+    python bench/curate.py [--repeats N] [--json] [--skip-datatrove] [--skip-ray] [--quick]
 
 1. Executors: the default steps over data/web (4.5 MB, 1,095 records: JSON Lines, a WARC, a WET),
    with the local executor and with Ray, 1 and 2 workers each. Ray runs on an instance started
@@ -14,7 +14,9 @@
    them as the same 4 files with the same ids). Documents kept by one side only are listed by the
    step of each side that removed them. datatrove is a bench-only requirement:
    pip install -r bench/requirements-datatrove.txt
-With --json the last line is one JSON object with the figures.
+With --json the last line is one JSON object with the figures. --quick checks the script in
+seconds: one run of each, 30 saved pages, one pass over the WARC files, 200 documents against
+datatrove.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from scratchlm.curate.pipeline import read_docs, run_curate  # noqa: E402
 WEB = ROOT / "data" / "web"
 HTML_PAGES = ROOT.parent / "shared" / "data" / "web" / "trafilatura_pages.jsonl.gz"
 JSONL = ["dolma_cc_CC-MAIN-2019-30_text.jsonl.gz", "c4_demo.jsonl.gz", "duplicates.jsonl.gz"]
+QUICK = dict(repeats=1, html_limit=30, warc_passes=1, datatrove_docs=200)
 
 
 def timed_run(inputs: list[str], out: Path, cfg: CurateConfig) -> tuple[float, dict]:
@@ -110,8 +113,9 @@ def removed_by(out: Path) -> dict[str, str]:
     return found
 
 
-def prepare_jsonl(folder: Path) -> int:
-    """data/web's JSON Lines records as 4 plain files with explicit ids, for both sides."""
+def prepare_jsonl(folder: Path, limit: int = 0) -> int:
+    """data/web's JSON Lines records (the first `limit`; 0: all) as 4 plain files with explicit
+    ids, for both sides."""
     folder.mkdir()
     records = []
     for name in JSONL:
@@ -119,6 +123,7 @@ def prepare_jsonl(folder: Path) -> int:
             for i, line in enumerate(f):
                 obj = json.loads(line)
                 records.append({"id": f"{name.split('.')[0]}:{i}", "text": obj["text"]})
+    records = records[:limit] if limit else records
     quarter = -(-len(records) // 4)
     for k in range(4):
         with open(folder / f"part{k}.jsonl", "w", encoding="utf-8") as f:
@@ -127,11 +132,11 @@ def prepare_jsonl(folder: Path) -> int:
     return len(records)
 
 
-def versus_datatrove(tmp: Path, repeats: int) -> dict:
+def versus_datatrove(tmp: Path, repeats: int, limit: int) -> dict:
     from datatrove_curate import run_datatrove
 
     folder = tmp / "jsonl"
-    n = prepare_jsonl(folder)
+    n = prepare_jsonl(folder, limit)
     ours, theirs = None, None
     for r in range(repeats):
         wall, stats = timed_run([str(folder)], tmp / f"ours-{r}", CurateConfig(workers=2))
@@ -168,7 +173,14 @@ def main() -> None:
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--skip-datatrove", action="store_true")
     ap.add_argument("--html-pages", type=Path, default=HTML_PAGES)
+    ap.add_argument("--html-limit", type=int, default=300, help="saved pages for the html rate")
+    ap.add_argument("--warc-passes", type=int, default=5, help="passes over the WARC files")
+    ap.add_argument("--datatrove-docs", type=int, default=0, help="first N vs datatrove (0: all)")
+    ap.add_argument("--quick", action="store_true", help="a check of the script, in seconds")
     args = ap.parse_args()
+    if args.quick:  # new defaults; options given on the command line still win
+        ap.set_defaults(**QUICK)
+        args = ap.parse_args()
     result: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         best = executors(Path(tmp), args.repeats, not args.skip_ray)
@@ -199,11 +211,14 @@ def main() -> None:
                 f"{s['step']:18} {s['docs_in']:8d} {s['docs_out']:9d} "
                 f"{s['seconds']:7.2f} {rate:10.0f}"
             )
-        rate = html_rate(args.html_pages)
+        rate = html_rate(args.html_pages, args.html_limit)
         if rate is not None:
             per_core["html_pages"] = round(rate, 1)
-            print(f"html on {args.html_pages.name} (300 pages): {rate:.0f} pages per CPU second")
-        rate = warc_read_rate(args.html_pages.parent)
+            print(
+                f"html on {args.html_pages.name} ({args.html_limit} pages): "
+                f"{rate:.0f} pages per CPU second"
+            )
+        rate = warc_read_rate(args.html_pages.parent, args.warc_passes)
         if rate is not None:
             per_core["read_warc"] = round(rate, 1)
             print(f"read of the WARC files there: {rate:.0f} pages per CPU second")
@@ -213,7 +228,7 @@ def main() -> None:
         if not args.skip_datatrove and importlib.util.find_spec("datatrove") is None:
             print("\ndatatrove is not installed (pip install -r bench/requirements-datatrove.txt)")
         elif not args.skip_datatrove:
-            dt = versus_datatrove(Path(tmp), args.repeats)
+            dt = versus_datatrove(Path(tmp), args.repeats, args.datatrove_docs)
             speedup = dt["datatrove_wall"] / dt["ours_wall"]
             print(f"\nscratchlm vs datatrove 0.10 on {dt['docs']} JSON Lines documents, 2 workers:")
             print(f"{'':10} {'wall s':>7} {'docs/s':>7} {'kept':>5}")

@@ -12,13 +12,25 @@ through scratchlm's fastText (the fasttext-wheel distribution: LanguageFilter as
 fasttext-numpy2-wheel distribution by name, which would replace it, so that check is lifted for
 this one step) and passes a list to predict() (fasttext-wheel under numpy 2 rejects a str).
 Everything else runs as shipped. Install: pip install -r bench/requirements-datatrove.txt
+
+Run alone, it curates data/web's JSON Lines records (the input of bench/curate.py's comparison)
+with datatrove and prints its speed and what each step removed:
+
+    python bench/datatrove_curate.py [--docs N] [--workers 2] [--quick] [--json]
+
+--quick checks the script in seconds: the first 200 documents.
 """
 
 from __future__ import annotations
 
+import argparse
+import collections
 import json
+import tempfile
 import time
 from pathlib import Path
+
+from curate import prepare_jsonl
 
 
 def _offline_lid():
@@ -145,3 +157,39 @@ def run_datatrove(input_folder: Path, work: Path, workers: int) -> dict:
             for line in p.open():
                 removed[json.loads(line)["id"]] = folder.name
     return {"wall": wall, "kept": kept, "removed": removed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=0, help="the first N documents (0: all)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a check of the script, in seconds")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.quick:  # new defaults; options given on the command line still win
+        parser.set_defaults(docs=200)
+        args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        n = prepare_jsonl(Path(tmp) / "jsonl", args.docs)
+        result = run_datatrove(Path(tmp) / "jsonl", Path(tmp) / "datatrove", args.workers)
+    removed = collections.Counter(result["removed"].values())
+    print(f"\ndatatrove on {n} JSON Lines documents of data/web, {args.workers} workers")
+    rate = n / result["wall"]
+    print(f"wall {result['wall']:.2f} s, {rate:.0f} documents/s, kept {len(result['kept'])}")
+    print(f"{'removed by':20} {'documents':>9}")
+    for step, count in removed.most_common():
+        print(f"{step:20} {count:9d}")
+    if args.json:
+        summary = {
+            "docs": n,
+            "workers": args.workers,
+            "wall_s": round(result["wall"], 3),
+            "docs_per_s": round(rate, 1),
+            "kept": len(result["kept"]),
+            "removed": dict(removed),
+        }
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

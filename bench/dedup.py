@@ -11,7 +11,9 @@ Rows: scratchlm with LSH alone and with exact verification of the candidates (th
 own) and datasketch followed by the same exact verification on its Python shingle sets. Each is
 timed --repeat times, interleaved, and the fastest run counts (the machine is shared).
 
-    python bench/dedup.py [--docs 1500] [--threshold 0.8] [--repeat 3] [--json]
+    python bench/dedup.py [--docs 1500] [--threshold 0.8] [--repeat 3] [--quick] [--json]
+
+--quick checks the script in seconds: 100 documents, one timed run of each.
 """
 
 from __future__ import annotations
@@ -135,8 +137,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--threshold", type=float, default=0.8, help="exact Jaccard verification")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each; the best counts")
+    ap.add_argument("--quick", action="store_true", help="100 documents, one run of each")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.quick:  # new defaults; options given on the command line still win
+        ap.set_defaults(docs=100, repeat=1)
+        args = ap.parse_args()
     rng = random.Random(0)
     originals = real_documents(args.docs)
     docs = list(originals)

@@ -14,11 +14,18 @@ max_abs_diff_points (largest score gap to the harness over all tasks, in points)
 speedup_vs_harness (harness hf time / in-house time, all tasks together).
 
     PYTHONPATH=. python bench/eval.py runs/tiny [--tasks all] [--limit 100] [--data-dir D] [--json]
+    PYTHONPATH=. python bench/eval.py --quick [PATH] [--json]
+
+--quick checks the script in seconds: one task of each kind (multiple choice scored by acc and
+acc_norm, last word with perplexity, rolling perplexity, generation, a group of subtasks), 2
+examples each (of each subtask), at most 16 generated tokens, on PATH or, without one, on a random
+model of the demo's shape made in a temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import platform
@@ -29,14 +36,19 @@ from typing import Any
 
 import torch
 
+from scratchlm.checkpoint import model_tensors, save_checkpoint
 from scratchlm.evaluate.generation import generation_budget
 from scratchlm.evaluate.harness import ScratchLM, run_harness
 from scratchlm.evaluate.tasks import EvalOptions, get_task, task_names
 from scratchlm.export.hf import export_run
 from scratchlm.loading import load
+from scratchlm.model import ModelConfig, Transformer
+from scratchlm.paths import PROJECT_ROOT
+from scratchlm.tokenizer import train_tokenizer
 
 POINT_METRICS = ("acc", "acc_norm", "exact_match", "exact_match_flexible")
 RATIO_METRICS = ("perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity")
+QUICK = dict(tasks="copa,hellaswag,lambada,perplexity,gsm8k,blimp", limit=2, max_gen_toks=16)
 
 
 class Timed:
@@ -88,17 +100,41 @@ def same_choices(ours: dict, samples: dict) -> float | None:
     return agree / len(theirs)
 
 
+def random_run(folder: Path) -> Path:
+    """folder/tokenizer.json and folder/pretrain/step-000000: an untrained model of the demo's
+    shape over a tokenizer of its vocabulary size (what --quick scores when given no run)."""
+    with gzip.open(PROJECT_ROOT / "data/tinyshakespeare/input.txt.gz", "rt") as f:
+        text = f.read(200_000)
+    tokenizer = train_tokenizer(text.split("\n\n"), 2048, folder / "tokenizer.json")
+    config = ModelConfig(vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    save_checkpoint(folder / "pretrain", 0, model_tensors(model), config.to_dict(), {"step": 0})
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("path", nargs="?", default="runs/tiny", help="run folder or checkpoint")
+    parser.add_argument("path", nargs="?", help="run folder or checkpoint (default: runs/tiny)")
     parser.add_argument("--tasks", default="all", help="comma-separated, or all")
     parser.add_argument("--limit", type=int, default=100, help="examples per (sub)task")
     parser.add_argument("--data-dir", default="data/eval")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-gen-toks", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="a check of the script, in seconds")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.quick:  # new defaults; options given on the command line still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        if args.path is None:
+            args.path = str(random_run(Path(folder))) if args.quick else "runs/tiny"
+        compare(args)
 
+
+def compare(args: argparse.Namespace) -> None:
+    """The table, and with --json the summary line, of every task on args.path."""
     names = (
         [n for n in task_names() if get_task(n).harness_name]
         if args.tasks == "all"

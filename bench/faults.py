@@ -3,14 +3,15 @@ how many times, how many recovered exactly (the run, continued once the cause wa
 the losses and checkpoints of an uninterrupted run), where it struck and the line the user saw.
 
     python bench/faults.py [--kills 20] [--disk-fulls 10] [--data-kills 10] [--data-disk-fulls 4]
-                           [--seed 0] [--json]
+                           [--seed 0] [--quick] [--json]
 
 Curation (`scratchlm curate` of two bundled web files: 2 shards, with duplicates and rejections)
 and tokenization (`scratchlm tokenize` of the result) are killed and run out of disk too; their
 rerun must give the files of an uninterrupted run.
 
 The trials are those of tests/fault_trials.py (the slow test runs the same). The real-tmpfs rows
-need root to mount a tmpfs; elsewhere they are left out, with the reason printed.
+need root to mount a tmpfs; elsewhere they are left out, with the reason printed. --quick checks
+the script: one trial of each kind (the kills strike inside writes).
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ def main() -> None:
     p.add_argument("--data-kills", type=int, default=10, help="kills of curate and of tokenize")
     p.add_argument("--data-disk-fulls", type=int, default=4, help="full disks of each")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="one trial of each kind")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     args = p.parse_args()
+    if args.quick:  # new defaults; options given on the command line still win
+        p.set_defaults(kills=1, disk_fulls=1, data_kills=1, data_disk_fulls=1)
+        args = p.parse_args()
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -14,6 +14,7 @@ recipe, fp32, no compile unless --compile.
 
     python bench/gpu.py [--sizes 124m,1b] [--steps 10] [--optimizer adamw|muon] [--json]
     python bench/gpu.py --device cpu --steps 2 [--sizes tiny]
+    python bench/gpu.py --quick [--json]   # tiny recipe, 1 + 2 steps; on a GPU where there is one
 """
 
 from __future__ import annotations
@@ -195,11 +196,16 @@ def main() -> None:
     parser.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on GPU"
     )
+    parser.add_argument("--quick", action="store_true", help="a check of the script, in seconds")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:  # new defaults; options given on the command line still win
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        parser.set_defaults(sizes="tiny", steps=2, warmup=1, device=device)
+        args = parser.parse_args()
     on_gpu = torch.device(args.device).type == "cuda"
     if args.compile is None:
         args.compile = on_gpu

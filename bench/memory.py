@@ -10,6 +10,7 @@ process of its own. The ~124M recipe runs at micro-batch 1 x 1024 tokens, 2 micr
 AdamW moments (16 bytes a parameter).
 
     PYTHONPATH=. python bench/memory.py [--sizes tiny,124m] [--json]
+    PYTHONPATH=. python bench/memory.py --quick [--json]   # the demo recipe for 2 steps, both sides
 """
 
 from __future__ import annotations
@@ -43,6 +44,18 @@ SHAPES = {
         "pretrain.compile=false",
     ],
 }
+# --quick: a check of the script, not a measurement (each side trains 2 steps, evaluates and saves).
+QUICK = [
+    "pretrain.max_steps=2",
+    "pretrain.eval_every=1",
+    "pretrain.save_every=1",
+    "pretrain.eval_tokens=8192",
+    "pretrain.eval_tasks_limit=4",
+]
+
+
+def shape(size: str, quick: bool) -> list[str]:
+    return SHAPES[size] + (QUICK if quick else [])
 
 
 def peak_rss_mib(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[float, int, float]:
@@ -74,7 +87,7 @@ def prepare_run(run: Path) -> None:
     run_tokenize(recipe, run)
 
 
-def hf_worker(size: str) -> None:
+def hf_worker(size: str, quick: bool) -> None:
     """transformers' LlamaForCausalLM of the recipe's shape, trained as scratchlm is here."""
     import torch
     from train_throughput import build_hf
@@ -82,7 +95,7 @@ def hf_worker(size: str) -> None:
     from scratchlm.config import load_recipe
     from scratchlm.train.pretrain import model_config_from
 
-    recipe = load_recipe(ROOT / RECIPES[size], SHAPES[size])
+    recipe = load_recipe(ROOT / RECIPES[size], shape(size, quick))
     cfg, model_cfg = recipe.pretrain, model_config_from(recipe)
     seq = model_cfg.max_seq_len
     micro = min(cfg.micro_batch_size, cfg.tokens_per_step // seq)
@@ -102,11 +115,15 @@ def hf_worker(size: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="tiny,124m", help="comma-separated: tiny, 124m")
+    parser.add_argument("--quick", action="store_true", help="the tiny recipe for 2 steps")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--hf-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:  # new defaults; options given on the command line still win
+        parser.set_defaults(sizes="tiny")
+        args = parser.parse_args()
     if args.hf_worker:
-        hf_worker(args.hf_worker)
+        hf_worker(args.hf_worker, args.quick)
         return
     sizes = args.sizes.split(",")
     unknown = sorted(set(sizes) - set(RECIPES))
@@ -121,10 +138,11 @@ def main() -> None:
             run.mkdir()
             for name in ("tokenizer.json", "tokens"):
                 os.symlink(Path(tmp) / "corpus" / name, run / name)
-            sets = [f"--set={s}" for s in [*SHAPES[size], "pretrain.device=cpu"]]
+            sets = [f"--set={s}" for s in [*shape(size, args.quick), "pretrain.device=cpu"]]
             ours = [sys.executable, "-m", "scratchlm", "pretrain", RECIPES[size]]
             ours += ["--run-dir", str(run), *sets]
             peer = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", size]
+            peer += ["--quick"] if args.quick else []
             for model, cmd in (("scratchlm", ours), ("transformers", peer)):
                 log = Path(tmp) / f"{size}-{model}.log"
                 rss, code, seconds = peak_rss_mib(cmd, log, env)

@@ -17,6 +17,9 @@ and the load average are printed beside its result: a share well under 1 means o
 took the cores, and the figures of that side are pessimistic.
 
     python bench/quality_per_time.py [--seconds 150] [--sides anchor,muon,adamw] [--json]
+    python bench/quality_per_time.py --quick [--json]   # all sides, 6 s each, on 100k characters
+
+--quick checks the script, not the recipe: its figures say nothing about quality.
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ SIDE_RECIPES = {
     ],
     "adamw": ["pretrain.optimizer=adamw", "pretrain.lr=4e-3", "pretrain.min_lr=4e-4"],
 }
+# --quick: the first characters of the text, and a budget that leaves each side a few steps.
+QUICK_CHARS = 100_000
+QUICK_SECONDS = 6.0
 SIDE_NAMES = {
     "anchor": "nanoGPT CPU recipe (GPT2LMHeadModel)",
     "muon": "scratchlm, Muon + AdamW",
@@ -227,8 +233,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=150.0)
     parser.add_argument("--sides", default="anchor,muon,adamw", help="which sides, in order")
     parser.add_argument("--set", action="append", default=[], help="recipe overrides (ours)")
+    parser.add_argument("--quick", action="store_true", help="a check of the script, in seconds")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.quick:  # new defaults; options given on the command line still win
+        parser.set_defaults(seconds=QUICK_SECONDS)
+        args = parser.parse_args()
     source = next((p for p in SOURCES if p.exists()), None)
     if source is None:
         sys.exit("tinyshakespeare not found in ../shared/data or data/")
@@ -240,6 +250,8 @@ def main() -> None:
     if "anchor" in sides:
         import transformers  # noqa: F401  (its import time is not the anchor's training time)
     text = gzip.open(source, "rt", encoding="utf-8").read()
+    if args.quick:
+        text = text[:QUICK_CHARS]
     cut = int(len(text) * 0.9)
     results: dict[str, dict[str, Any]] = {}
     for side in sides:

@@ -9,6 +9,9 @@ measures instead FSDP2 + torch.compile + bf16 on one GPU for the ~124M and ~1B r
 
     PYTHONPATH=. python bench/scale.py [--sizes tiny,124m] [--steps 3] [--json]
     PYTHONPATH=. python bench/scale.py --gpu [--sizes 124m,1b] [--json]
+    PYTHONPATH=. python bench/scale.py --quick [--json]   # every layout, tiny recipe, 1 small step
+
+--quick checks the script: the tiny recipe at 2,048 tokens a step (4 micro-batches), 1 timed step.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ CPU_SHAPES = {
         "pretrain.tokens_per_step=1024",
     ],
 }
+# --quick: a small step that still accumulates (and gives the pipeline several micro-batches).
+QUICK_SHAPE = ["pretrain.micro_batch_size=2", "pretrain.tokens_per_step=2048"]
 LAYOUTS = {
     "1 process": (1, []),  # one thread, like each rank of the others
     "DDP 2": (2, ["parallel.dp_replicate=2"]),
@@ -197,12 +202,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per layout")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--gpu", action="store_true", help="FSDP2 + compile + bf16 on one GPU")
+    p.add_argument("--quick", action="store_true", help="a check of the script, in seconds")
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--one-device-fsdp", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.quick:  # new defaults; options given on the command line still win
+        p.set_defaults(sizes="tiny", steps=1)
+        args = p.parse_args()
     if args.worker:
         worker(args)
         return
@@ -222,7 +231,8 @@ def main() -> None:
             )
     else:
         for size in (args.sizes or "tiny,124m").split(","):
-            base = [*CPU_SHAPES.get(size, []), "pretrain.device=cpu"]
+            base = [*CPU_SHAPES.get(size, []), *(QUICK_SHAPE if args.quick else [])]
+            base.append("pretrain.device=cpu")
             for layout, (nproc, overrides) in LAYOUTS.items():
                 extra = [f"--warmup={args.warmup}"]
                 rows.append(

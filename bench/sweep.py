@@ -10,6 +10,11 @@ busy the machine is while the sweep runs.
 
     python bench/sweep.py --side muon --ref-steps 450 --vary pretrain.muon_lr=0.01,0.04 \\
         --try "model.dim=256 model.n_heads=8 model.n_kv_heads=4" [--jobs 2] [--json]
+    python bench/sweep.py --quick [--json]
+
+--quick checks the script in seconds: the reference and (unless --vary or --try name others) one
+variation that shares its speed probe and one with a probe of its own, 2 steps each, on the quick
+text of bench/quality_per_time.py.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ from scratchlm.config import load_recipe  # noqa: E402
 from scratchlm.model import Transformer, cross_entropy_loss  # noqa: E402
 from scratchlm.train.optim import build_optimizer  # noqa: E402
 from scratchlm.train.pretrain import model_config_from  # noqa: E402
+
+# --quick: one variation that shares the reference's speed probe, one with a probe of its own.
+QUICK_CANDIDATES = dict(vary=["pretrain.muon_lr=0.01"], tries=["model.n_layers=2"])
 
 
 def candidates(
@@ -95,7 +103,7 @@ def probe(overrides: dict[str, list[str]], rounds: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", choices=sorted(bench.SIDE_RECIPES), default="muon")
-    parser.add_argument("--ref-steps", type=int, required=True, help="reference steps in budget")
+    parser.add_argument("--ref-steps", type=int, help="reference steps in budget (required)")
     parser.add_argument("--vary", action="append", default=[], help="key=v1,v2 (repeatable)")
     parser.add_argument(
         "--try", dest="tries", action="append", default=[], help="'key=v key=v' (repeatable)"
@@ -103,12 +111,22 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="overrides for every one")
     parser.add_argument("--rounds", type=int, default=5, help="timed probe steps per candidate")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at a time, 1 thread each")
+    parser.add_argument("--quick", action="store_true", help="a check of the script, in seconds")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.quick:  # new defaults; options given on the command line still win
+        parser.set_defaults(ref_steps=2, rounds=1)
+        args = parser.parse_args()
+        if not (args.vary or args.tries):
+            vars(args).update(QUICK_CANDIDATES)
+    if args.ref_steps is None:
+        parser.error("--ref-steps is required")
     source = next((p for p in bench.SOURCES if p.exists()), None)
     if source is None:
         sys.exit("tinyshakespeare not found in ../shared/data or data/")
     text = gzip.open(source, "rt", encoding="utf-8").read()
+    if args.quick:
+        text = text[: bench.QUICK_CHARS]
     cut = int(len(text) * 0.9)
 
     overrides = candidates(args.side, args.vary, args.tries, args.set)

@@ -5,6 +5,7 @@ Trains the byte-level BPE tokenizer on every line of the corpus, then writes tok
 jitter). Prints a table, and with --json a last line that is one JSON object.
 
     PYTHONPATH=. python bench/tokenizer.py [--vocab-size 4096] [--copies 1] [--workers 1,2] [--json]
+    PYTHONPATH=. python bench/tokenizer.py --quick [--json]   # a check of the script: one run each
 
 --copies N tokenizes the corpus N times over (as N times as many documents), to show the speed
 once the worker processes' start-up is paid for.
@@ -60,8 +61,12 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=1)
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one run of each (--repeat 1)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.quick:  # new defaults; options given on the command line still win
+        parser.set_defaults(repeat=1)
+        args = parser.parse_args()
 
     source = next(p for p in SOURCES if p.exists())
     with gzip.open(source, "rt", encoding="utf-8") as f:

@@ -12,6 +12,10 @@ fp32 matmul rate measured in the same run (1024^3 matmuls, in turns with the tra
 --json a last line that is one JSON object.
 
     PYTHONPATH=. python bench/train_throughput.py [--preset default|tiny] [--steps 10] [--json]
+    PYTHONPATH=. python bench/train_throughput.py --quick [--json]   # the quick preset, 2 steps
+
+--quick checks the script in seconds (preset quick, 1 warm-up and 2 timed steps): its figures say
+nothing about speed.
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ PRESETS = {
     ),
     # The demo recipe's model.
     "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=2048, seq=256, batch=32),
+    # What --quick runs here and in bench/compiled_kernels.py: every layer kind, at a toy size.
+    "quick": dict(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=512, seq=64, batch=4),
 }
+QUICK = dict(preset="quick", warmup=1, steps=2)
 
 # Dense bf16 peak FLOP/s of common GPUs, for MFU.
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -125,8 +132,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also scratchlm compiled")
+    parser.add_argument("--quick", action="store_true", help="a check of the script, in seconds")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.quick:  # new defaults; options given on the command line still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
 
     shape = dict(PRESETS[args.preset])
     seq, batch = shape.pop("seq"), args.batch or shape.pop("batch")
