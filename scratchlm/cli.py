@@ -27,6 +27,10 @@ def _add_recipe_args(p: argparse.ArgumentParser, run_dir_required: bool = True) 
         help=f"TOML recipe (default: RUN_DIR/recipe.toml, else {DEFAULT_RECIPE})",
     )
     p.add_argument("--run-dir", type=Path, required=run_dir_required, help="the run folder")
+    _add_set_arg(p)
+
+
+def _add_set_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set",
         action="append",
@@ -106,13 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (or fsspec URL, e.g. s3://bucket/out)")
     p.add_argument("--run-dir", type=Path, help="run the stage of this run folder")
     p.add_argument("--recipe", help="recipe whose [curate] section to use")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a recipe key (the value parses as TOML)",
-    )
+    _add_set_arg(p)
     p.add_argument("--only", help="run only these steps (comma-separated)")
     _add_executor_args(p)
 
@@ -219,13 +217,7 @@ def _add_eval_parser(sub) -> None:
         "target", nargs="?", help="run folder or checkpoint (or a recipe with --run-dir)"
     )
     p.add_argument("--run-dir", type=Path, help="the run folder (stage form)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a recipe key (the value parses as TOML)",
-    )
+    _add_set_arg(p)
     p.add_argument("--tasks", help="comma-separated task names (default: the recipe's eval.tasks)")
     p.add_argument("--data", help="read the one task given from this file (same layout)")
     p.add_argument("--data-dir", help="folder of the task files (default: eval.data_dir)")
