@@ -506,7 +506,8 @@ def to_toml(data: dict[str, Any]) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            return json.dumps(v, ensure_ascii=False)  # JSON's escapes are valid in TOML
+            # JSON's escapes are valid in TOML, which also forbids a raw DEL that JSON allows.
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
         if isinstance(v, list):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
         return repr(v)

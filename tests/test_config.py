@@ -138,3 +138,11 @@ def test_every_numeric_key_has_a_range_that_holds_its_default():
         keys.append(key)
     assert len(keys) > 100 and "curate.minhash_bands" in keys and "ppo.kl_coef" in keys
     assert MIN_VOCAB_SIZE == tokenizer.MIN_VOCAB_SIZE
+
+
+def test_a_saved_recipe_reads_back_with_control_characters_in_strings(tmp_path):
+    """TOML forbids a raw DEL (U+007F) in a string, which JSON's escaping lets through."""
+    recipe = load_recipe(None, ['sft.data=["a\\u007fb\\u0001c"]'])
+    assert recipe.sft.data == ["a\x7fb\x01c"]
+    save_recipe(recipe, tmp_path / "recipe.toml")
+    assert load_recipe(tmp_path / "recipe.toml") == recipe
